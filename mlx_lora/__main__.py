@@ -1,0 +1,3 @@
+from mlx_lora.cli import main
+
+main()
