@@ -53,7 +53,8 @@ class TrainConfig:
     steps_per_report: int = _opt(10, "Log training loss every N updates.")
     steps_per_eval: int = _opt(200, "Validation loss every N updates; 0 = only at the end.")
     val_batches: int = _opt(25, "Validation batches per evaluation; -1 = all.")
-    save_every: int = _opt(100, "Save adapters every N updates.")
+    save_every: int = _opt(100, "Save adapters and a resume checkpoint every N updates.")
+    keep_checkpoints: int = _opt(2, "Resume checkpoints to keep (the newest).")
     seed: int = _opt(0, "Random seed for initialization, dropout and shuffling.")
 
 
@@ -170,7 +171,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 def _check_ranges(config: TrainConfig, source: str) -> None:
     positive = ("rank", "batch_size", "grad_accumulation_steps", "group_size", "max_seq_length",
-                "steps_per_report", "save_every")
+                "steps_per_report", "save_every", "keep_checkpoints")
     for key in positive:
         if getattr(config, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(config, key)}")

@@ -1,0 +1,65 @@
+"""LoRA: y = base(x) + scale * dropout(x) @ lora_a @ lora_b, over a float or quantized linear."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def linear_dims(linear: nn.Module) -> tuple[int, int]:
+    """(input, output) width of an nn.Linear or nn.QuantizedLinear."""
+    output_dims, packed_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        return packed_dims * 32 // linear.bits, output_dims
+    return packed_dims, output_dims
+
+
+def dequantized_weight(linear: nn.Module) -> mx.array:
+    """The (output, input) weight of a float or quantized linear, in its compute dtype."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(
+            linear.weight, linear.scales, linear.get("biases"),
+            group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+        )
+    return linear.weight
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear (float: LoRA, quantized: QLoRA) plus a trainable float32 low-rank update."""
+
+    @staticmethod
+    def from_base(base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+        """Wrap `base`; lora_b starts at zero so the wrapped layer equals the base."""
+        input_dims, output_dims = linear_dims(base)
+        layer = LoRALinear(input_dims, output_dims, rank, scale, dropout)
+        layer.linear = base
+        return layer
+
+    def __init__(self, input_dims: int, output_dims: int, rank: int, scale: float, dropout: float):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=False)
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        # mlx-lm's layout and init: lora_a (in, r) uniform, lora_b (r, out) zero.
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (input_dims, rank), dtype=mx.float32)
+        self.lora_b = mx.zeros((rank, output_dims), dtype=mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = (self.dropout(x).astype(mx.float32) @ self.lora_a) @ self.lora_b
+        return y + (self.scale * z).astype(x.dtype)
+
+    def delta(self) -> mx.array:
+        """The (output, input) weight update this adapter adds, in float32."""
+        return self.scale * (self.lora_a @ self.lora_b).T
+
+    def fuse(self) -> nn.Linear:
+        """A float nn.Linear equal to base + adapter, in the base's compute dtype."""
+        weight = dequantized_weight(self.linear)
+        input_dims, output_dims = linear_dims(self.linear)
+        fused = nn.Linear(input_dims, output_dims, bias="bias" in self.linear)
+        fused.weight = (weight.astype(mx.float32) + self.delta()).astype(weight.dtype)
+        if "bias" in self.linear:
+            fused.bias = self.linear.bias
+        return fused

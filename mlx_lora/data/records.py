@@ -1,0 +1,295 @@
+"""Find the data files, read their records, and report every bad one as FILE:LINE: problem."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_lora.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+SUFFIXES = (".jsonl", ".txt")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training record as read; `source` is "FILE:LINE" (just "FILE" for a .txt file)."""
+
+    kind: str  # "text" | "completion" | "chat"
+    source: str
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: tuple | None = None  # the message dicts as read
+    tools: tuple | None = None
+
+
+def from_plain_text(record: Record) -> bool:
+    """True for the one record of a .txt file, which the tokenizer cuts into chunks."""
+    # A JSONL record's source always ends in ":LINE", so only a .txt file's ends in ".txt".
+    return record.kind == "text" and record.source.lower().endswith(".txt")
+
+
+def find_splits(data: str) -> dict[str, Path]:
+    """Map split names to files: a directory with train.* [valid.* test.*], or one file (train)."""
+    path = Path(data)
+    if not path.exists():
+        raise UserError(
+            f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
+            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl or .txt file"
+        )
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(
+                f"{data}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object "
+                "per line) or .txt (plain text)"
+            )
+        return {"train": path}
+    splits = {}
+    for split in SPLITS:
+        found = [path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()]
+        if len(found) > 1:
+            raise UserError(f"{data}: both {found[0].name} and {found[1].name}; keep only one")
+        if found:
+            splits[split] = found[0]
+    if "train" not in splits:
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise UserError(
+            f"{data}: no train.jsonl or train.txt in this directory (found: {present}); "
+            "name the training file train.jsonl (JSONL) or train.txt (plain text)"
+        )
+    return splits
+
+
+def problems_error(problems: list[str]) -> UserError:
+    """One UserError listing the problems, one a line, cut off after MAX_PROBLEMS."""
+    lines = problems[:MAX_PROBLEMS]
+    if len(problems) > MAX_PROBLEMS:
+        lines.append(f"... and {len(problems) - MAX_PROBLEMS} more")
+    return UserError("\n".join(lines))
+
+
+def read_records(path: Path) -> list[Record]:
+    """Read and validate a .jsonl or .txt file; raise one UserError naming every bad line."""
+    path = Path(path)
+    name = path.name
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({e.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some Windows editors write
+        raw = raw[3:]
+    lines, problems = _decode_lines(raw, name)
+    if problems:
+        raise problems_error(problems)
+    if not any(line.strip() for line in lines):
+        raise UserError(f"{name}: the file is empty; it needs at least one record")
+    if path.suffix.lower() == ".txt":
+        return [Record(kind="text", source=name, text="\n".join(lines))]
+    return _read_jsonl(lines, name)
+
+
+def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
+    lines, problems = [], []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            problems.append(
+                f"{name}:{number}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
+                f"{e.start + 1}); save the file as UTF-8"
+            )
+    return lines, problems
+
+
+def _read_jsonl(lines: list[str], name: str) -> list[Record]:
+    records, problems = [], []
+    first_kind = None  # (kind, line) of the first record: the file's format
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not records and not problems and _whole_file_is_json("\n".join(lines)):
+                raise UserError(
+                    f"{where}: the file is one JSON document; use one JSON object per line (JSONL)"
+                ) from None
+            problems.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        kind = _kind(obj)
+        if kind is None:
+            problems.append(f"{where}: {_not_a_record(obj)}")
+            continue
+        if first_kind is None:
+            first_kind = (kind, number)
+        elif kind != first_kind[0]:
+            problems.append(
+                f"{where}: a {kind} record, but line {first_kind[1]} is a {first_kind[0]} "
+                "record; use one format per file"
+            )
+            continue
+        record_problems = CHECKS[kind](obj)
+        problems.extend(f"{where}: {p}" for p in record_problems)
+        if not record_problems:
+            records.append(_record(kind, obj, where))
+    if problems:
+        raise problems_error(problems)
+    return records
+
+
+def _whole_file_is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _kind(obj) -> str | None:
+    # The same precedence as mlx-lm: prompt/completion, then messages, then text.
+    if not isinstance(obj, dict):
+        return None
+    if "prompt" in obj or "completion" in obj:
+        return "completion"
+    if "messages" in obj:
+        return "chat"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _not_a_record(obj) -> str:
+    if isinstance(obj, list):
+        return "a JSON array, not an object; use one JSON object per line (JSONL)"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, found {_type_name(obj)}"
+    found = ", ".join(sorted(obj)) or "no keys"
+    return f'no "text", "prompt"/"completion" or "messages" key (found: {found})'
+
+
+def _type_name(value) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_string(obj: dict, key: str) -> list[str]:
+    if key not in obj:
+        return [f'no "{key}"']
+    value = obj[key]
+    if not isinstance(value, str):
+        return [f'"{key}" must be a string, found {_type_name(value)}']
+    if not value.strip():
+        return [f'"{key}" is empty']
+    return []
+
+
+def _check_text(obj: dict) -> list[str]:
+    return _check_string(obj, "text")
+
+
+def _check_completion(obj: dict) -> list[str]:
+    return _check_string(obj, "prompt") + _check_string(obj, "completion") + _check_tools(obj)
+
+
+def _check_chat(obj: dict) -> list[str]:
+    messages = obj["messages"]
+    if not isinstance(messages, list):
+        return [f'"messages" must be an array of messages, found {_type_name(messages)}']
+    if not messages:
+        return ['"messages" is empty']
+    problems = []
+    for i, message in enumerate(messages):
+        problems.extend(_check_message(message, f"messages[{i}]"))
+    if not problems and not any(m["role"] == "assistant" for m in messages):
+        problems.append('no "assistant" message; there is nothing to train on')
+    return problems + _check_tools(obj)
+
+
+def _check_message(message, label: str) -> list[str]:
+    if not isinstance(message, dict):
+        return [f"{label} must be an object with \"role\" and \"content\", found "
+                f"{_type_name(message)}"]
+    if "role" not in message:
+        return [f'{label} has no "role"']
+    role = message["role"]
+    if role not in ROLES:
+        allowed = ", ".join(ROLES)
+        return [f"{label} has an unknown role {json.dumps(role)} (use one of: {allowed})"]
+    if "tool_calls" in message and message["tool_calls"] is not None:
+        if role != "assistant":
+            return [f'{label} has "tool_calls" but role "{role}"; only assistant turns call tools']
+        calls_problems = _check_tool_calls(message["tool_calls"], label)
+        if calls_problems:
+            return calls_problems
+        # A turn that only calls tools may have no content at all.
+        if message.get("content") in (None, ""):
+            return []
+    if "content" not in message:
+        return [f'{label} has no "content"']
+    content = message["content"]
+    if not isinstance(content, str):
+        return [f'{label} "content" must be a string, found {_type_name(content)}']
+    if not content.strip():
+        return [f'{label} "content" is empty']
+    return []
+
+
+def _check_tool_calls(calls, label: str) -> list[str]:
+    if not isinstance(calls, list) or not calls:
+        return [f'{label} "tool_calls" must be a non-empty array']
+    for j, call in enumerate(calls):
+        where = f"{label}.tool_calls[{j}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            return [f'{where} must be an object with a "function"']
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            return [f'{where} has no function "name"']
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, (dict, str)):
+            return [f'{where} "arguments" must be an object or a string, found '
+                    f"{_type_name(arguments)}"]
+    return []
+
+
+def _check_tools(obj: dict) -> list[str]:
+    tools = obj.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return ['"tools" must be an array of tool (function schema) objects']
+    return []
+
+
+CHECKS = {"text": _check_text, "completion": _check_completion, "chat": _check_chat}
+
+
+def _record(kind: str, obj: dict, where: str) -> Record:
+    tools = tuple(obj["tools"]) if obj.get("tools") else None
+    if kind == "text":
+        return Record(kind="text", source=where, text=obj["text"])
+    if kind == "completion":
+        return Record(kind="completion", source=where, prompt=obj["prompt"],
+                      completion=obj["completion"], tools=tools)
+    return Record(kind="chat", source=where, messages=tuple(obj["messages"]), tools=tools)
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer can render chats (mlx-lm's wrapper also knows custom renderers)."""
+    known = getattr(tokenizer, "has_chat_template", None)
+    if known is not None:
+        return bool(known)
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def check_chat_template(records: list[Record], tokenizer, path) -> None:
+    """Fail early when chat records meet a tokenizer that has no chat template."""
+    if any(r.kind == "chat" for r in records) and not has_chat_template(tokenizer):
+        raise UserError(
+            f"{Path(path).name}: chat records need a tokenizer with a chat template; this one "
+            'has none. Use an instruct/chat model, or write the records as {"text": ...}'
+        )

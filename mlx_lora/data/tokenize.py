@@ -1,0 +1,107 @@
+"""Records to fixed-length-bounded examples: token ids and loss flags, truncated or chunked."""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlx_lora.data.records import (
+    Record,
+    check_chat_template,
+    from_plain_text,
+    problems_error,
+    read_records,
+)
+from mlx_lora.data.template import render
+from mlx_lora.errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: ids (L,) int32 and mask (L,) bool, True where a token is a target."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class TokenizeStats:
+    """What happened to the records on the way to examples."""
+
+    n_records: int
+    n_truncated: int  # longer than max_seq_length, cut to it
+    n_dropped: int  # no token to learn (after truncation)
+
+
+def tokenize_records(
+    records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool
+) -> tuple[list[Example], int]:
+    """Examples of the records, and how many records were truncated to max_seq_length."""
+    examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
+    return examples, stats.n_truncated
+
+
+def tokenize_with_stats(
+    records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool
+) -> tuple[list[Example], TokenizeStats]:
+    """Examples of the records, with counts of truncated and dropped records."""
+    examples, problems = [], []
+    n_truncated = n_dropped = 0
+    for record in records:
+        try:
+            ids, flags = render(record, tokenizer, mask_prompt)
+        except UserError as e:  # a template that rejects this record: report them all
+            problems.append(str(e))
+            continue
+        if from_plain_text(record):
+            pieces = _chunks(ids, flags, max_seq_length)
+        else:
+            n_truncated += len(ids) > max_seq_length
+            pieces = [(ids[:max_seq_length], flags[:max_seq_length])]
+        for piece_ids, piece_flags in pieces:
+            # The first token is never a target (nothing precedes it), so it alone does not count.
+            if len(piece_ids) < 2 or not any(piece_flags[1:]):
+                n_dropped += 1
+                continue
+            examples.append(Example(np.asarray(piece_ids, np.int32),
+                                    np.asarray(piece_flags, np.bool_)))
+    if problems:
+        raise problems_error(problems)
+    return examples, TokenizeStats(len(records), n_truncated, n_dropped)
+
+
+def _chunks(ids: list[int], flags: list[bool], size: int):
+    # Consecutive chunks overlap by one token so that every token after the first is a target
+    # exactly once (a chunk's first token only serves as input).
+    step = max(size - 1, 1)
+    for start in range(0, max(len(ids) - 1, 1), step):
+        yield ids[start : start + size], flags[start : start + size]
+
+
+def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) -> list[Example]:
+    """Read, validate and tokenize one data file; warn on stderr about truncated records."""
+    path = Path(path)
+    records = read_records(path)
+    check_chat_template(records, tokenizer, path)
+    examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
+    if stats.n_truncated:
+        print(
+            f"warning: {stats.n_truncated} of {stats.n_records} records in {path.name} were "
+            f"longer than --max-seq-length {max_seq_length} and were truncated",
+            file=sys.stderr,
+        )
+    if not examples:
+        hint = " within --max-seq-length" if stats.n_truncated else ""
+        raise UserError(
+            f"{path.name}: no record has a token to train on{hint}"
+            + (" (with --mask-prompt only completions and assistant turns count)"
+               if mask_prompt else "")
+        )
+    if stats.n_dropped:
+        print(
+            f"warning: {stats.n_dropped} sequences from {path.name} had no token to train on "
+            "and were skipped",
+            file=sys.stderr,
+        )
+    return examples

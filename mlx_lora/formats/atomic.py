@@ -1,0 +1,44 @@
+"""Atomic writes: a temp file in the same directory, then os.replace, so a crash leaves no torn file."""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """Call write(tmp_path) and move the result over `path` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write a JSON file atomically, indented for people to read."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
+    """Write a safetensors file atomically."""
+    # The suffix keeps mx.save_safetensors from appending ".safetensors" to the temp name.
+    def write(tmp: Path) -> None:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+
+    write_atomic(path, write, suffix=".tmp.safetensors")

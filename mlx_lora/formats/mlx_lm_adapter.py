@@ -1,0 +1,119 @@
+"""mlx-lm's adapter directory: adapter_config.json + adapters.safetensors, read and written."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_lora import __version__
+from mlx_lora.adapters.inject import AdapterSpec, find_targets, inject, lora_scale
+from mlx_lora.errors import UserError
+from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The trainable tensors under mlx-lm's names: already an adapter file's contents."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config(model: nn.Module, spec: AdapterSpec, base_model: str) -> dict:
+    """mlx-lm's adapter_config.json, with our own extra keys (mlx-lm ignores them)."""
+    keys, num_layers = spec.block_keys(model)
+    return {
+        "fine_tune_type": spec.method,
+        "num_layers": num_layers,
+        "lora_parameters": {
+            "rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys,
+        },
+        "model": base_model,
+        "alpha": spec.alpha,
+        "rslora": spec.rslora,
+        "target_paths": list(spec.paths),
+        "mlx_lora_version": __version__,
+    }
+
+
+def save_adapters(adapter_dir: Path, model: nn.Module, spec: AdapterSpec, base_model: str,
+                  weights_file: str = WEIGHTS_FILE) -> None:
+    """Write the adapter weights and config atomically (weights first: config names them)."""
+    adapter_dir = Path(adapter_dir)
+    save_safetensors_atomic(adapter_dir / weights_file, adapter_weights(model))
+    write_json_atomic(adapter_dir / CONFIG_FILE, adapter_config(model, spec, base_model))
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """The adapter_config.json of an mlx-lm adapter directory."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: no {CONFIG_FILE}; is this an adapter directory?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
+    """Rebuild the AdapterSpec an adapter config describes, for this model."""
+    method = config.get("fine_tune_type", "lora")
+    if method != "lora":
+        raise UserError(f"{source}: fine_tune_type '{method}' is not supported (only lora)")
+    try:
+        params = config["lora_parameters"]
+        rank, scale = int(params["rank"]), float(params["scale"])
+        dropout = float(params.get("dropout", 0.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
+    if "target_paths" in config:
+        paths = list(config["target_paths"])
+    else:  # written by mlx-lm: keys relative to each of the last num_layers blocks
+        keys = params.get("keys")
+        targets = ",".join(keys) if keys else "all-linear"
+        paths = find_targets(model, targets, int(config.get("num_layers", -1)))
+    alpha = float(config.get("alpha", scale * rank))
+    rslora = bool(config.get("rslora", False))
+    if abs(lora_scale(alpha, rank, rslora) - scale) > 1e-6 * max(1.0, abs(scale)):
+        alpha, rslora = scale * rank, False  # scale is what mlx-lm reads: it wins
+    return AdapterSpec(method, tuple(paths), rank, alpha, scale, dropout, rslora, len(model.layers))
+
+
+def load_adapters(model: nn.Module, adapter_dir: Path, weights_file: str = WEIGHTS_FILE) -> AdapterSpec:
+    """Inject the adapters a directory describes and load their weights, checking every tensor."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    spec = spec_from_config(model, config, str(adapter_dir / CONFIG_FILE))
+    modules = dict(model.named_modules())
+    missing = [p for p in spec.paths if p not in modules]
+    if missing:
+        raise UserError(
+            f"{adapter_dir}: adapter targets module '{missing[0]}', which this model does not "
+            "have; was the adapter trained on another base model?"
+        )
+    inject(model, spec)
+    load_adapter_weights(model, adapter_dir / weights_file)
+    return spec
+
+
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load adapter tensors; any unknown, missing or mis-shaped tensor is an error naming it."""
+    try:
+        weights = mx.load(str(path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: cannot read adapter weights ({e}); the file is corrupt or missing") from None
+    expected = adapter_weights(model)
+    for name, value in weights.items():
+        if name not in expected:
+            raise UserError(f"{path}: tensor '{name}' matches no adapter parameter of this model")
+        if value.shape != expected[name].shape:
+            raise UserError(
+                f"{path}: tensor '{name}' has shape {tuple(value.shape)} but the model needs "
+                f"{tuple(expected[name].shape)}; was the adapter trained on another base model?"
+            )
+    absent = [name for name in expected if name not in weights]
+    if absent:
+        raise UserError(f"{path}: no tensor for '{absent[0]}' (and {len(absent) - 1} more)")
+    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=False)

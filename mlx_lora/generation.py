@@ -1,0 +1,35 @@
+"""Text generation with a base model and optional adapters, through mlx-lm."""
+
+from pathlib import Path
+
+from mlx_lm import generate as mlx_lm_generate
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_lora.formats.mlx_lm_adapter import load_adapters
+from mlx_lora.load import LoadedModel, load_base
+
+
+def load_for_inference(model: str, adapter_path: str | None = None,
+                       trust_remote_code: bool = False) -> LoadedModel:
+    """The base model with the adapters of `adapter_path` (if any), in eval mode."""
+    loaded = load_base(model, trust_remote_code=trust_remote_code)
+    if adapter_path:
+        load_adapters(loaded.model, Path(adapter_path))
+    loaded.model.eval()
+    return loaded
+
+
+def format_prompt(tokenizer, prompt: str, chat: bool) -> str:
+    """The prompt as the model saw it in training: through the chat template when it has one."""
+    if chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def complete(loaded: LoadedModel, prompt: str, max_tokens: int = 100, temperature: float = 0.0,
+             chat: bool = True) -> str:
+    """Generate a completion of `prompt` (greedy at temperature 0)."""
+    text = format_prompt(loaded.tokenizer, prompt, chat)
+    return mlx_lm_generate(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens,
+                           sampler=make_sampler(temp=temperature), verbose=False)

@@ -1,0 +1,90 @@
+"""Resume state: adapters, optimizer, random state and data position, one directory per step.
+
+A checkpoint is written into a hidden temp directory and renamed into place, so a crash
+leaves either the whole checkpoint or none; resume picks the newest complete one.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_lora.errors import UserError
+from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+from mlx_lora.formats.mlx_lm_adapter import adapter_weights, load_adapter_weights
+
+CHECKPOINTS = "checkpoints"
+ADAPTERS = "adapters.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+@dataclass
+class Position:
+    """Where training stands: updates done, epoch, and the next batch within the epoch's plan."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+
+def save_checkpoint(adapter_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
+                    position: Position, keep: int) -> Path:
+    """Write a complete checkpoint for `position` and drop all but the newest `keep`."""
+    root = Path(adapter_dir) / CHECKPOINTS
+    final = root / f"step-{position.step:08d}"
+    tmp = root / f".tmp-step-{position.step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors_atomic(tmp / ADAPTERS, adapter_weights(model))
+    state = dict(tree_flatten(optimizer.state))
+    state["__random_state__"] = mx.random.state[0]
+    save_safetensors_atomic(tmp / OPTIMIZER, state)
+    write_json_atomic(tmp / STATE, asdict(position))
+    if final.exists():  # a rerun of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(adapter_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(adapter_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(adapter_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / STATE).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> Position:
+    """Restore adapters, optimizer and random state from a checkpoint; return its position."""
+    try:
+        position = Position(**json.loads((path / STATE).read_text()))
+        state = mx.load(str(path / OPTIMIZER))
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot read checkpoint ({e}); delete it to use an older one")
+    load_adapter_weights(model, path / ADAPTERS)
+    mx.random.state[0] = state.pop("__random_state__")
+    optimizer.state = tree_unflatten(list(state.items()))
+    return position
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,195 @@
+"""The training loop: schedules updates, evaluations, saves and reports."""
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from mlx_lora.adapters.inject import AdapterSpec
+from mlx_lora.config import TrainConfig
+from mlx_lora.data.batching import Batch, batch_plan, make_batch, padding_fraction
+from mlx_lora.data.tokenize import Example
+from mlx_lora.errors import UserError
+from mlx_lora.formats.mlx_lm_adapter import save_adapters
+from mlx_lora.train.checkpoint import Position, save_checkpoint
+from mlx_lora.train.report import ProgressBar, append_metrics, peak_memory_gb
+from mlx_lora.train.step import add_grads, make_eval_step, make_grad_step, make_update
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm stopped being finite; the update was not applied."""
+
+
+@dataclass
+class Trainee:
+    """The model being trained and what the loop needs to write its adapters."""
+
+    model: nn.Module
+    spec: AdapterSpec
+    base_model: str
+    adapter_dir: Path
+
+
+def total_steps(config: TrainConfig, n_examples: int) -> int:
+    """Optimizer updates in the run: iters, or epochs over the training batches."""
+    if config.epochs > 0:
+        batches_per_epoch = math.ceil(n_examples / config.batch_size)
+        return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accumulation_steps))
+    return config.iters
+
+
+def training_batches(examples: list[Example], config: TrainConfig,
+                     position: Position) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, cursor after this batch, batch) forever, resuming at position.epoch/cursor."""
+    lengths = [len(e.ids) for e in examples]
+    epoch, cursor = position.epoch, position.cursor
+    while True:
+        plan = batch_plan(lengths, config.batch_size, config.seed, epoch)
+        for index in range(cursor, len(plan)):
+            yield epoch, index + 1, make_batch(examples, plan[index], config.max_seq_length)
+        epoch, cursor = epoch + 1, 0
+
+
+def evaluate_loss(eval_step, examples: list[Example], config: TrainConfig) -> float | None:
+    """Token-weighted mean loss over the first val_batches batches (-1: all) of a split."""
+    if not examples:
+        return None
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    if config.val_batches > 0:
+        plan = plan[:config.val_batches]
+    sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
+    for indices in plan:
+        batch = make_batch(examples, indices, config.max_seq_length)
+        ce, n = eval_step(*_arrays(batch))
+        sum_ce, n_tokens = sum_ce + ce, n_tokens + n
+        mx.eval(sum_ce, n_tokens)
+    return (sum_ce / mx.maximum(n_tokens, 1)).item()
+
+
+def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
+    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask)
+
+
+def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
+        train_set: list[Example], valid_set: list[Example], position: Position) -> Position:
+    """Train from `position` to the last step; returns the final position."""
+    model = trainee.model
+    steps = total_steps(config, len(train_set))
+    grad_step, eval_step = make_grad_step(model), make_eval_step(model)
+    update = make_update(model, optimizer, config.max_grad_norm)
+    batches = training_batches(train_set, config, position)
+    bar = ProgressBar(steps, position.step)
+    window = Window()
+    started = time.perf_counter() - position.elapsed_s
+    model.train()
+    try:
+        while position.step < steps:
+            micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
+            loss, n_tokens = _update(grad_step, update, [b for _, _, b in micro], position.step + 1)
+            position.step += 1
+            position.epoch, position.cursor = micro[-1][0], micro[-1][1]
+            position.trained_tokens += n_tokens
+            position.elapsed_s = time.perf_counter() - started
+            window.add(loss, n_tokens, sum(padding_fraction(b) for _, _, b in micro) / len(micro))
+            _after_update(trainee, optimizer, config, valid_set, eval_step, position, steps,
+                          bar, window)
+    except KeyboardInterrupt:
+        path = save_checkpoint(trainee.adapter_dir, model, optimizer, position,
+                               config.keep_checkpoints)
+        bar.message(f"interrupted at step {position.step}: saved {path}; "
+                    "run the same command with --resume to continue")
+        raise
+    finally:
+        bar.close()
+    return position
+
+
+def _update(grad_step, update, micro_batches: list[Batch], step: int) -> tuple[float, int]:
+    """One optimizer update over k micro-batches; the loss is normalized by all their tokens."""
+    n_tokens = sum(b.n_target_tokens for b in micro_batches)
+    inv_n = mx.array(1.0 / max(n_tokens, 1))
+    grads, sum_ce = None, mx.array(0.0)
+    for batch in micro_batches:
+        ce, _, micro_grads = grad_step(*_arrays(batch), inv_n)
+        grads, sum_ce = add_grads(grads, micro_grads), sum_ce + ce
+        mx.eval(grads, sum_ce)
+    loss = sum_ce.item() / max(n_tokens, 1)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(_diverged(step, "loss"))
+    norm = update(grads)
+    mx.eval(norm)
+    if not math.isfinite(norm.item()):
+        raise TrainingDiverged(_diverged(step, "gradient norm"))
+    return loss, n_tokens
+
+
+def _diverged(step: int, what: str) -> str:
+    return (f"step {step}: the {what} is not finite, so training stopped before applying it; "
+            "likely causes: a learning rate too high (try 10x lower), a float16 base "
+            "(try a bfloat16 or float32 one), or --max-grad-norm 0 (try 1.0). "
+            "The last good checkpoint is intact; --resume continues from it")
+
+
+class Window:
+    """Token-weighted training loss and throughput since the last report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new reporting window."""
+        self.sum_loss, self.tokens, self.updates, self.padding = 0.0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, n_tokens: int, padding: float) -> None:
+        """Count one update."""
+        self.sum_loss += loss * n_tokens
+        self.tokens += n_tokens
+        self.updates += 1
+        self.padding += padding
+
+    def summary(self) -> dict:
+        """Mean loss, tokens per second and padding fraction over the window."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "loss": self.sum_loss / max(self.tokens, 1),
+            "tokens_per_sec": self.tokens / seconds,
+            "padding_fraction": self.padding / max(self.updates, 1),
+        }
+
+
+def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
+                  position: Position, steps: int, bar: ProgressBar, window: Window) -> None:
+    step, last = position.step, position.step == steps
+    common = {"step": step, "epoch": position.epoch, "trained_tokens": position.trained_tokens,
+              "peak_memory_gb": round(peak_memory_gb(), 4),
+              "elapsed_s": round(position.elapsed_s, 3)}
+    if step % config.steps_per_report == 0 or last:
+        summary = window.summary()
+        bar.show(step, summary["loss"], summary["tokens_per_sec"], common["peak_memory_gb"])
+        append_metrics(trainee.adapter_dir, {
+            "event": "train", **common, "loss": summary["loss"],
+            "learning_rate": optimizer.learning_rate.item(),
+            "tokens_per_sec": summary["tokens_per_sec"],
+            "padding_fraction": summary["padding_fraction"],
+        })
+        window.reset()
+    if valid_set and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
+        eval_started = time.perf_counter()
+        trainee.model.eval()
+        val_loss = evaluate_loss(eval_step, valid_set, config)
+        trainee.model.train()
+        bar.message(f"step {step}: validation loss {val_loss:.4f}")
+        append_metrics(trainee.adapter_dir, {"event": "val", **common, "val_loss": val_loss})
+        window.start += time.perf_counter() - eval_started  # not training throughput
+    if step % config.save_every == 0 or last:
+        save_adapters(trainee.adapter_dir, trainee.model, trainee.spec, trainee.base_model)
+        save_checkpoint(trainee.adapter_dir, trainee.model, optimizer, position,
+                        config.keep_checkpoints)
+        append_metrics(trainee.adapter_dir, {"event": "save", **common})

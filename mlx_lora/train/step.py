@@ -1,0 +1,74 @@
+"""The compiled pieces of a training update: gradients of a micro-batch, and the Adam update."""
+
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from mlx_lora.train.loss import loss_sums
+
+
+def make_grad_step(model: nn.Module) -> Callable:
+    """(inputs, targets, loss_mask, inv_n) -> (sum_ce, n_tokens, grads of sum_ce * inv_n).
+
+    inv_n is 1 / the target tokens of the whole accumulated update, so summing the grads of
+    k micro-batches gives the token-weighted mean over all of them.
+    """
+    def scaled_loss(inputs, targets, loss_mask, inv_n):
+        sum_ce, n_tokens = loss_sums(model, inputs, targets, loss_mask)
+        return sum_ce * inv_n, (sum_ce, n_tokens)
+
+    value_and_grad = nn.value_and_grad(model, scaled_loss)
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(inputs, targets, loss_mask, inv_n):
+        (_, (sum_ce, n_tokens)), grads = value_and_grad(inputs, targets, loss_mask, inv_n)
+        return sum_ce, n_tokens, grads
+
+    return grad_step
+
+
+def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float) -> Callable:
+    """grads -> global gradient norm before clipping; applies clipping and the optimizer step."""
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
+        if max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = global_norm(grads)
+        optimizer.update(model, grads)
+        return norm
+
+    return update
+
+
+def global_norm(grads) -> mx.array:
+    """The L2 norm of all gradient tensors together."""
+    squares = [mx.sum(g.astype(mx.float32) ** 2) for g in _leaves(grads)]
+    return mx.sqrt(sum(squares))
+
+
+def _leaves(tree) -> list[mx.array]:
+    leaves = []
+    tree_map(leaves.append, tree)
+    return leaves
+
+
+def add_grads(total, grads):
+    """Sum two gradient trees (None for the first)."""
+    return grads if total is None else tree_map(mx.add, total, grads)
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+    """(inputs, targets, loss_mask) -> (sum_ce, n_tokens), compiled, no gradients."""
+    @partial(mx.compile, inputs=model.state)
+    def eval_step(inputs, targets, loss_mask):
+        return loss_sums(model, inputs, targets, loss_mask)
+
+    return eval_step

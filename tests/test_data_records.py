@@ -1,0 +1,194 @@
+"""Reading and validating data files: every bad record named as FILE:LINE: problem."""
+
+import json
+
+import pytest
+
+from mlx_lora.data.records import (
+    Record,
+    check_chat_template,
+    find_splits,
+    from_plain_text,
+    read_records,
+)
+from mlx_lora.errors import UserError
+
+USER = {"role": "user", "content": "Hi"}
+ASSISTANT = {"role": "assistant", "content": "Hello"}
+CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+
+
+def chat(*messages, **extra) -> str:
+    return json.dumps({"messages": list(messages), **extra})
+
+
+def write(tmp_path, lines, name="train.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def error_of(path) -> str:
+    with pytest.raises(UserError) as info:
+        read_records(path)
+    return str(info.value)
+
+
+# (lines of train.jsonl, the whole error message)
+BAD = [
+    (['{"text": "a"'], "train.jsonl:1: not valid JSON (Expecting ',' delimiter at column 13)"),
+    (['["a", "b"]'],
+     "train.jsonl:1: a JSON array, not an object; use one JSON object per line (JSONL)"),
+    (['[', '  {"text": "a"}', ']'],
+     "train.jsonl:1: the file is one JSON document; use one JSON object per line (JSONL)"),
+    (["3"], "train.jsonl:1: expected a JSON object, found a number"),
+    (['{"input": "a", "output": "b"}'],
+     'train.jsonl:1: no "text", "prompt"/"completion" or "messages" key (found: input, output)'),
+    (['{"text": 5}'], 'train.jsonl:1: "text" must be a string, found a number'),
+    (['{"text": "  "}'], 'train.jsonl:1: "text" is empty'),
+    (['{"prompt": "a"}'], 'train.jsonl:1: no "completion"'),
+    (['{"prompt": "a", "completion": ""}'], 'train.jsonl:1: "completion" is empty'),
+    (['{"prompt": ["a"], "completion": "b"}'],
+     'train.jsonl:1: "prompt" must be a string, found an array'),
+    (['{"messages": "hi"}'],
+     'train.jsonl:1: "messages" must be an array of messages, found a string'),
+    (['{"messages": []}'], 'train.jsonl:1: "messages" is empty'),
+    ([chat(USER, "hi")],
+     'train.jsonl:1: messages[1] must be an object with "role" and "content", found a string'),
+    ([chat(USER, {"content": "x"})], 'train.jsonl:1: messages[1] has no "role"'),
+    ([chat({"role": "human", "content": "x"}, ASSISTANT)],
+     'train.jsonl:1: messages[0] has an unknown role "human" '
+     "(use one of: system, user, assistant, tool)"),
+    ([chat(USER, ASSISTANT, {"role": "assistant"})],
+     'train.jsonl:1: messages[2] has no "content"'),
+    ([chat(USER, {"role": "assistant", "content": 3})],
+     'train.jsonl:1: messages[1] "content" must be a string, found a number'),
+    ([chat({"role": "user", "content": ""}, ASSISTANT)],
+     'train.jsonl:1: messages[0] "content" is empty'),
+    ([chat({"role": "system", "content": "s"}, USER)],
+     'train.jsonl:1: no "assistant" message; there is nothing to train on'),
+    ([chat(USER, {"role": "assistant", "tool_calls": []})],
+     'train.jsonl:1: messages[1] "tool_calls" must be a non-empty array'),
+    ([chat(USER, {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]})],
+     'train.jsonl:1: messages[1].tool_calls[0] has no function "name"'),
+    ([chat({"role": "user", "content": "x", "tool_calls": [CALL]}, ASSISTANT)],
+     'train.jsonl:1: messages[0] has "tool_calls" but role "user"; '
+     "only assistant turns call tools"),
+    ([chat(USER, ASSISTANT, tools={"name": "f"})],
+     'train.jsonl:1: "tools" must be an array of tool (function schema) objects'),
+    (['{"text": "a"}', '{"prompt": "p", "completion": "c"}'],
+     "train.jsonl:2: a completion record, but line 1 is a text record; use one format per file"),
+    ([], "train.jsonl: the file is empty; it needs at least one record"),
+    (["", "  "], "train.jsonl: the file is empty; it needs at least one record"),
+]
+
+
+@pytest.mark.parametrize("lines,message", BAD, ids=[m.split(": ", 1)[1][:40] for _, m in BAD])
+def test_bad_record_message(tmp_path, lines, message):
+    assert error_of(write(tmp_path, lines)) == message
+
+
+def test_all_problems_reported_in_one_error(tmp_path):
+    lines = ['{"text": "ok"}', '{"text": ""}', "", "{oops", '{"text": 1}']
+    assert error_of(write(tmp_path, lines)).splitlines() == [
+        'train.jsonl:2: "text" is empty',
+        "train.jsonl:4: not valid JSON (Expecting property name enclosed in double quotes "
+        "at column 2)",
+        'train.jsonl:5: "text" must be a string, found a number',
+    ]
+
+
+def test_problems_capped(tmp_path):
+    lines = ['{"text": ""}'] * 25
+    message = error_of(write(tmp_path, lines)).splitlines()
+    assert len(message) == 21
+    assert message[19] == 'train.jsonl:20: "text" is empty'
+    assert message[20] == "... and 5 more"
+
+
+def test_non_utf8_line(tmp_path):
+    path = tmp_path / "valid.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert error_of(path) == (
+        "valid.jsonl:2: not valid UTF-8 (byte 0xe9 at column 14); save the file as UTF-8"
+    )
+
+
+def test_bom_and_blank_lines_and_extra_keys(tmp_path):
+    path = tmp_path / "train.jsonl"
+    body = '{"text": "a", "id": 7}\n\n  \n{"text": "b"}\r\n'
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_records(path) == [
+        Record(kind="text", source="train.jsonl:1", text="a"),
+        Record(kind="text", source="train.jsonl:4", text="b"),
+    ]
+
+
+def test_good_formats(tmp_path):
+    tool_turn = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+    tool_reply = {"role": "tool", "content": "{}"}
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    path = write(tmp_path, [chat(USER, tool_turn, tool_reply, ASSISTANT, tools=tools)])
+    (record,) = read_records(path)
+    assert record.kind == "chat" and record.source == "train.jsonl:1"
+    assert record.messages == (USER, tool_turn, tool_reply, ASSISTANT)
+    assert record.tools == tuple(tools)
+    path = write(tmp_path, ['{"prompt": "p", "completion": "c"}'], "test.jsonl")
+    assert read_records(path) == [
+        Record(kind="completion", source="test.jsonl:1", prompt="p", completion="c")
+    ]
+
+
+def test_plain_text_file(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("line one\r\nline two\n", encoding="utf-8")
+    (record,) = read_records(path)
+    assert record == Record(kind="text", source="book.txt", text="line one\nline two\n")
+    assert from_plain_text(record)
+    assert not from_plain_text(Record(kind="text", source="a.jsonl:1", text="x"))
+
+
+def test_find_splits(tmp_path):
+    for name in ("train.jsonl", "valid.jsonl", "test.txt"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    assert find_splits(str(tmp_path)) == {
+        "train": tmp_path / "train.jsonl",
+        "valid": tmp_path / "valid.jsonl",
+        "test": tmp_path / "test.txt",
+    }
+    assert find_splits(str(tmp_path / "valid.jsonl")) == {"train": tmp_path / "valid.jsonl"}
+
+
+@pytest.mark.parametrize(
+    "files,data,start",
+    [
+        ([], "missing", "missing: no such file or directory;"),
+        (["data.json"], "data.json", "data.json: unsupported file type '.json'; use .jsonl"),
+        (["valid.jsonl", "notes.md"], ".",
+         ".: no train.jsonl or train.txt in this directory (found: notes.md, valid.jsonl);"),
+        (["train.jsonl", "train.txt"], ".", ".: both train.jsonl and train.txt; keep only one"),
+    ],
+)
+def test_find_splits_errors(tmp_path, monkeypatch, files, data, start):
+    monkeypatch.chdir(tmp_path)
+    for name in files:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(UserError) as info:
+        find_splits(data)
+    assert str(info.value).startswith(start)
+    assert "\n" not in str(info.value)
+
+
+class NoTemplate:
+    """A tokenizer stand-in for the one attribute check_chat_template reads."""
+
+    chat_template = None
+
+
+def test_chat_records_need_a_chat_template(tmp_path):
+    chats = [Record(kind="chat", source="train.jsonl:1", messages=(USER, ASSISTANT))]
+    texts = [Record(kind="text", source="train.jsonl:1", text="a")]
+    check_chat_template(texts, NoTemplate(), tmp_path / "train.jsonl")
+    with pytest.raises(UserError, match="^train.jsonl: chat records need a tokenizer with a chat "
+                                        "template; "):
+        check_chat_template(chats, NoTemplate(), tmp_path / "train.jsonl")
