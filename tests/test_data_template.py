@@ -118,7 +118,8 @@ def test_completion_without_chat_template(no_template):
 
 
 def test_text_gets_eos(tokenizer):
-    ids, flags = render(Record(kind="text", source="t.jsonl:1", text="Hello there"), tokenizer, True)
+    record = Record(kind="text", source="t.jsonl:1", text="Hello there")
+    ids, flags = render(record, tokenizer, mask_prompt=True)
     assert ids == tokenizer.encode("Hello there") + [tokenizer.eos_token_id]
     assert all(flags)
 

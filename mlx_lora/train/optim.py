@@ -13,9 +13,8 @@ def build_schedule(config: TrainConfig, total_steps: int):
         main = optim.cosine_decay(peak, decay_steps, 0.0)
     elif config.lr_schedule == "linear":
         main = optim.linear_schedule(peak, 0.0, decay_steps)
-    else:
-        def main(step):
-            return peak
+    else:  # constant, as a schedule so it joins a warmup like the others
+        main = optim.linear_schedule(peak, peak, 1)
     if config.warmup == 0:
         return main
     warmup = optim.linear_schedule(0.0, peak, config.warmup)
