@@ -77,7 +77,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     try:
         raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}")
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        raise UserError(f"{path}: not valid {kind}: {e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -139,7 +140,8 @@ def _mlx_lm_schedule(schedule: dict, path: str) -> dict[str, Any]:
     return values
 
 
-def build_config(file_values: dict[str, Any], flag_values: dict[str, Any], source: str) -> TrainConfig:
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any],
+                 source: str) -> TrainConfig:
     """Merge defaults < config file < flags, check types and ranges, and freeze."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
     typed = {key: _coerce(key, value, source) for key, value in merged.items()}

@@ -1,4 +1,4 @@
-"""The offline demo: a tiny model and a task of its own, QLoRA fine-tuning, accuracy before/after."""
+"""The offline demo: a tiny model and task of its own, QLoRA fine-tuning, accuracy before/after."""
 
 import json
 import random

@@ -33,6 +33,5 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 def stories260k() -> Path:
     """Karpathy's tinyllamas stories260K in HF layout (hidden 64, intermediate 172, tied)."""
     path = SHARED_DATA / "tinyllamas-stories260K" / "hf"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} is missing (CI checks out ../shared beside the repo)")
+    assert (path / "model.safetensors").is_file(), f"{path} is missing: check out ../shared"
     return path

@@ -1,4 +1,4 @@
-"""Atomic writes: a temp file in the same directory, then os.replace, so a crash leaves no torn file."""
+"""Atomic writes: a temp file in the same directory, then os.replace: a crash tears no file."""
 
 import json
 import os

@@ -81,7 +81,8 @@ def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec
     return AdapterSpec(method, tuple(paths), rank, alpha, scale, dropout, rslora, len(model.layers))
 
 
-def load_adapters(model: nn.Module, adapter_dir: Path, weights_file: str = WEIGHTS_FILE) -> AdapterSpec:
+def load_adapters(model: nn.Module, adapter_dir: Path,
+                  weights_file: str = WEIGHTS_FILE) -> AdapterSpec:
     """Inject the adapters a directory describes and load their weights, checking every tensor."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -103,7 +104,9 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
     try:
         weights = mx.load(str(path))
     except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: cannot read adapter weights ({e}); the file is corrupt or missing") from None
+        raise UserError(
+            f"{path}: cannot read adapter weights ({e}); the file is corrupt or missing"
+        ) from None
     expected = adapter_weights(model)
     for name, value in weights.items():
         if name not in expected:

@@ -75,7 +75,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
         position = Position(**json.loads((path / STATE).read_text()))
         state = mx.load(str(path / OPTIMIZER))
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read checkpoint ({e}); delete it to use an older one")
+        raise UserError(
+            f"{path}: cannot read checkpoint ({e}); delete it to use an older one"
+        ) from None
     load_adapter_weights(model, path / ADAPTERS)
     mx.random.state[0] = state.pop("__random_state__")
     optimizer.state = tree_unflatten(list(state.items()))

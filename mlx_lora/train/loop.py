@@ -87,11 +87,14 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
     bar = ProgressBar(steps, position.step)
     window = Window()
     started = time.perf_counter() - position.elapsed_s
+    if valid_set and position.step == 0:  # the starting point, for comparison
+        _validate(trainee, eval_step, config, valid_set, position, bar)
     model.train()
     try:
         while position.step < steps:
             micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
-            loss, n_tokens = _update(grad_step, update, [b for _, _, b in micro], position.step + 1)
+            loss, n_tokens = accumulate_and_update(grad_step, update, [b for _, _, b in micro],
+                                                   position.step + 1)
             position.step += 1
             position.epoch, position.cursor = micro[-1][0], micro[-1][1]
             position.trained_tokens += n_tokens
@@ -110,7 +113,8 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
     return position
 
 
-def _update(grad_step, update, micro_batches: list[Batch], step: int) -> tuple[float, int]:
+def accumulate_and_update(grad_step, update, micro_batches: list[Batch],
+                          step: int) -> tuple[float, int]:
     """One optimizer update over k micro-batches; the loss is normalized by all their tokens."""
     n_tokens = sum(b.n_target_tokens for b in micro_batches)
     inv_n = mx.array(1.0 / max(n_tokens, 1))
@@ -164,6 +168,19 @@ class Window:
         }
 
 
+def _validate(trainee: Trainee, eval_step, config: TrainConfig, valid_set, position: Position,
+              bar: ProgressBar) -> float:
+    trainee.model.eval()
+    val_loss = evaluate_loss(eval_step, valid_set, config)
+    trainee.model.train()
+    bar.message(f"step {position.step}: validation loss {val_loss:.4f}")
+    append_metrics(trainee.adapter_dir, {
+        "event": "val", "step": position.step, "epoch": position.epoch, "val_loss": val_loss,
+        "trained_tokens": position.trained_tokens, "peak_memory_gb": round(peak_memory_gb(), 4),
+        "elapsed_s": round(position.elapsed_s, 3)})
+    return val_loss
+
+
 def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
                   position: Position, steps: int, bar: ProgressBar, window: Window) -> None:
     step, last = position.step, position.step == steps
@@ -182,11 +199,7 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
         window.reset()
     if valid_set and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
         eval_started = time.perf_counter()
-        trainee.model.eval()
-        val_loss = evaluate_loss(eval_step, valid_set, config)
-        trainee.model.train()
-        bar.message(f"step {step}: validation loss {val_loss:.4f}")
-        append_metrics(trainee.adapter_dir, {"event": "val", **common, "val_loss": val_loss})
+        _validate(trainee, eval_step, config, valid_set, position, bar)
         window.start += time.perf_counter() - eval_started  # not training throughput
     if step % config.save_every == 0 or last:
         save_adapters(trainee.adapter_dir, trainee.model, trainee.spec, trainee.base_model)

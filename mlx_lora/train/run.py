@@ -35,7 +35,7 @@ def check_adapter_dir(adapter_dir: Path, resume: bool, overwrite: bool) -> None:
     if not adapter_dir.exists():
         return
     if not adapter_dir.is_dir():
-        raise UserError(f"{adapter_dir}: exists and is not a directory; pick another --adapter-path")
+        raise UserError(f"{adapter_dir}: is not a directory; pick another --adapter-path")
     ours = [adapter_dir / METRICS_FILE, adapter_dir / CONFIG_FILE, adapter_dir / "checkpoints"]
     if any(p.exists() for p in ours) and not (resume or overwrite):
         raise UserError(
