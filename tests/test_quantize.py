@@ -27,7 +27,7 @@ def test_stories260k_down_proj_stays_float(stories260k, capsys):
     capsys.readouterr()
     loaded = load_base(str(stories260k), quantize=4, group_size=64)
     # 5 blocks x (q, k, v, o, gate, up) + the tied embedding; down_proj's input is 172 wide.
-    assert capsys.readouterr().out.strip() == (
+    assert capsys.readouterr().err.strip() == (
         "quantized 31 layers to 4 bits (group size 64); 5 stay in float32 because 64 does "
         "not divide their input width (e.g. model.layers.0.mlp.down_proj: 172)"
     )
@@ -54,7 +54,7 @@ def test_8_bits_is_close_to_float(stories260k):
 def test_every_layer_fits_in_tiny_llama(tiny_llama, capsys):
     loaded = load_base(str(tiny_llama), quantize=4)
     # 2 blocks x 7 linears + embedding + untied lm_head
-    assert capsys.readouterr().out.strip() == "quantized 16 layers to 4 bits (group size 64)"
+    assert capsys.readouterr().err.strip() == "quantized 16 layers to 4 bits (group size 64)"
     assert isinstance(loaded.model.lm_head, nn.QuantizedLinear)
     assert is_quantized(loaded.model) == {"group_size": 64, "bits": 4, "mode": "affine"}
 
@@ -70,7 +70,7 @@ def test_saved_quantized_base_is_detected_and_reloads(tmp_path, stories260k, cap
     capsys.readouterr()
 
     again = load_base(str(out), quantize=8)
-    assert "already quantized at 4 bits (group size 64)" in capsys.readouterr().out
+    assert "already quantized at 4 bits (group size 64)" in capsys.readouterr().err
     assert again.quantization == quantized.quantization
     assert isinstance(again.model.model.layers[0].mlp.down_proj, nn.Linear)
     np.testing.assert_array_equal(np.array(again.model(TOKENS)), expected)

@@ -1,0 +1,152 @@
+"""Adapter directories of either format, mlx-lm's or PEFT's: tell them apart, load, convert."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import yaml
+
+from mlx_lora import __version__
+from mlx_lora.adapters.inject import AdapterSpec, lora_scale
+from mlx_lora.errors import UserError
+from mlx_lora.formats import mlx_lm_adapter, peft_adapter
+from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+from mlx_lora.load import LoadedModel, load_base
+from mlx_lora.train.run import CONFIG_FILE as RUN_CONFIG_FILE
+
+FORMATS = ("mlx-lm", "peft")
+
+
+def adapter_format(adapter_dir: Path) -> str:
+    """"peft" for a directory PEFT wrote, "mlx-lm" for one mlx-lm (or mlx-lora) wrote."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such adapter directory")
+    if peft_adapter.is_peft_dir(path):
+        return "peft"
+    if (path / mlx_lm_adapter.CONFIG_FILE).is_file():
+        return "mlx-lm"
+    raise UserError(
+        f"{path}: not an adapter directory; expected adapter_config.json with "
+        f"{mlx_lm_adapter.WEIGHTS_FILE} (mlx-lm) or {peft_adapter.WEIGHTS_FILE} (PEFT)"
+    )
+
+
+def load_any_adapter(model: nn.Module, adapter_dir: Path) -> AdapterSpec:
+    """Inject and load the adapters of an mlx-lm or a PEFT directory, checking every tensor."""
+    if adapter_format(adapter_dir) == "peft":
+        return peft_adapter.load_peft_adapters(model, Path(adapter_dir))
+    return mlx_lm_adapter.load_adapters(model, Path(adapter_dir))
+
+
+def trained_quantization(adapter_dir: Path) -> tuple[int, int] | None:
+    """(bits, group_size) the base was quantized to on load in training (QLoRA), if it was."""
+    path = Path(adapter_dir) / RUN_CONFIG_FILE
+    try:
+        run = yaml.safe_load(path.read_text(encoding="utf-8"))
+        bits, group_size = int(run.get("quantize") or 0), int(run.get("group_size") or 64)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None  # not written by an mlx-lora run: the base is used as it is
+    return (bits, group_size) if bits else None
+
+
+def load_base_for(model: str, adapter_path: str | None,
+                  trust_remote_code: bool = False) -> LoadedModel:
+    """The base as the adapter was trained on it: quantized on load if the run was QLoRA."""
+    quantization = trained_quantization(adapter_path) if adapter_path else None
+    bits, group_size = quantization or (0, 64)
+    if quantization:
+        print(f"{adapter_path} was trained on a {bits}-bit base (QLoRA, group size "
+              f"{group_size}): loading {model} the same way", file=sys.stderr)
+    return load_base(model, quantize=bits, group_size=group_size,
+                     trust_remote_code=trust_remote_code)
+
+
+def load_adapted(model: str, adapter_path: str | None,
+                 trust_remote_code: bool = False) -> tuple[LoadedModel, AdapterSpec | None]:
+    """The base as the adapter was trained on, with the adapter (any format) on, in eval mode."""
+    loaded = load_base_for(model, adapter_path, trust_remote_code)
+    spec = load_any_adapter(loaded.model, Path(adapter_path)) if adapter_path else None
+    loaded.model.eval()
+    return loaded, spec
+
+
+def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
+    """Write the adapter of `adapter_dir` in format `fmt` to `save_path`; returns its format."""
+    adapter_dir, save_path = Path(adapter_dir), Path(save_path)
+    source = adapter_format(adapter_dir)
+    if save_path.resolve() == adapter_dir.resolve():
+        raise UserError(f"{save_path}: the same directory as --adapter-path; pick another")
+    if source == fmt:
+        raise UserError(f"{adapter_dir} is already in {fmt} format")
+    if fmt == "peft":
+        mlx_lm_to_peft(adapter_dir, save_path)
+    else:
+        peft_to_mlx_lm(adapter_dir, save_path)
+    return source
+
+
+def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
+    """Convert an mlx-lm adapter directory to a PEFT one; no base model needed."""
+    config = mlx_lm_adapter.read_adapter_config(adapter_dir)
+    source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
+    weights = _read_weights(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise UserError(f"{source}: fine_tune_type {config['fine_tune_type']!r}; "
+                        "PEFT export takes lora only")
+    try:
+        params = config["lora_parameters"]
+        rank, scale = int(params["rank"]), float(params["scale"])
+        dropout = float(params.get("dropout", 0.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
+    alpha, rslora = float(config.get("alpha", scale * rank)), bool(config.get("rslora", False))
+    if abs(lora_scale(alpha, rank, rslora) - scale) > 1e-6 * max(1.0, abs(scale)):
+        alpha, rslora = scale * rank, False  # scale is what mlx-lm applies: it wins
+    paths = peft_adapter.paths_of(weights)
+    peft_config = peft_adapter.peft_config(
+        paths, rank, alpha, rslora, dropout, config.get("model"),
+        _num_blocks(paths, int(config.get("num_layers", -1))),
+    )
+    peft_adapter.save_peft(save_path, weights, peft_config)
+
+
+def _num_blocks(paths: list[str], num_layers: int) -> int | None:
+    """Blocks in the base: mlx-lm's num_layers counts back from the last one."""
+    indices = [int(m["index"]) for p in paths if (m := peft_adapter.BLOCK_PATH.fullmatch(p))]
+    if num_layers <= 0 or not indices:
+        return None
+    return min(indices) + num_layers
+
+
+def peft_to_mlx_lm(peft_dir: Path, save_path: Path) -> None:
+    """Convert a PEFT LoRA directory to an mlx-lm one (that mlx_lm.load also reads)."""
+    config, weights = peft_adapter.read_peft(peft_dir)
+    rank, alpha, rslora, dropout = peft_adapter.peft_hyper(
+        config, str(peft_dir / peft_adapter.CONFIG_FILE))
+    paths = peft_adapter.paths_of(weights)
+    keys = sorted({m["rest"] if (m := peft_adapter.BLOCK_PATH.fullmatch(p)) else p
+                   for p in paths})
+    adapter_config = {
+        "fine_tune_type": "lora",
+        # mlx-lm adapts these keys in every block; blocks without tensors keep lora_b = 0,
+        # so the result is exact without knowing how many blocks the base has.
+        "num_layers": -1,
+        "lora_parameters": {"rank": rank, "scale": lora_scale(alpha, rank, rslora),
+                            "dropout": dropout, "keys": keys},
+        "model": config.get("base_model_name_or_path"),
+        "alpha": alpha,
+        "rslora": rslora,
+        "target_paths": paths,
+        "mlx_lora_version": __version__,
+    }
+    save_safetensors_atomic(save_path / mlx_lm_adapter.WEIGHTS_FILE, weights)
+    write_json_atomic(save_path / mlx_lm_adapter.CONFIG_FILE, adapter_config)
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: cannot read adapter weights ({e})") from None

@@ -1,0 +1,213 @@
+"""Hugging Face PEFT's LoRA directory (adapter_config.json + adapter_model.safetensors), both ways.
+
+PEFT names a tensor `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r): the transposes of our `lora_a` (in, r) and `lora_b` (r, out). Its scale is
+lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, as ours. mlx-lm's module paths equal
+transformers' for the decoder-only models both load (llama, qwen2, mistral, ...).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_lora.adapters.inject import AdapterSpec, inject, lora_scale
+from mlx_lora.errors import UserError
+from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+from mlx_lora.formats.mlx_lm_adapter import adapter_weights
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+PEFT_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight")
+# The first numbered segment of a path is its block: model.layers.<3>.self_attn.q_proj.
+BLOCK_PATH = re.compile(r"(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)")
+# PEFT options that change what the adapter computes and that our LoRA cannot carry.
+UNSUPPORTED = {
+    "use_dora": "DoRA", "lora_bias": "trained LoRA biases", "fan_in_fan_out": "Conv1D layers",
+    "modules_to_save": "fully trained modules", "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas", "layer_replication": "layer replication",
+    "target_parameters": "adapters on parameters", "trainable_token_indices": "trained tokens",
+    "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA",
+    "use_bdlora": "BD-LoRA",
+}
+
+
+def is_peft_dir(path: Path) -> bool:
+    """True for a directory PEFT's save_pretrained wrote (its config names a peft_type)."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file() or (path / "adapter_model.bin").is_file():
+        return True
+    try:
+        return "peft_type" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def to_peft_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our `<path>.lora_a` / `.lora_b` tensors under PEFT's names and layout."""
+    out = {}
+    for name, value in weights.items():
+        path, leaf = name.rsplit(".", 1)
+        if leaf not in PEFT_NAMES:
+            raise UserError(f"tensor '{name}' is not a LoRA parameter; PEFT export takes LoRA only")
+        out[f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"] = value.T  # (in, r) -> (r, in); (r, out) -> (out, r)
+    return out
+
+
+def from_peft_weights(weights: dict[str, mx.array], source: str) -> dict[str, mx.array]:
+    """PEFT's tensors under our names and layout, in float32; anything else is an error."""
+    out = {}
+    for name, value in weights.items():
+        match = PEFT_KEY.fullmatch(name)
+        if match is None:
+            raise UserError(
+                f"{source}: tensor '{name}' is not a LoRA A/B matrix of a linear layer "
+                "(mlx-lora imports PEFT LoRA on linear layers only)"
+            )
+        leaf = "lora_a" if match["which"] == "lora_A" else "lora_b"
+        out[f"{match['path']}.{leaf}"] = value.T.astype(mx.float32)
+    return out
+
+
+def target_modules(paths: list[str], num_blocks: int | None) -> dict:
+    """PEFT's target_modules (+ layers_to_transform) selecting exactly these module paths."""
+    parts = [BLOCK_PATH.fullmatch(p) for p in paths]
+    prefixes = {m["prefix"] for m in parts if m}
+    if all(parts) and len(prefixes) == 1:
+        indices = sorted({int(m["index"]) for m in parts})
+        rests = sorted({m["rest"] for m in parts})
+        prefix = prefixes.pop()
+        if {f"{prefix}.{i}.{r}" for i in indices for r in rests} == set(paths):
+            # Names relative to a block read as PEFT users write them; PEFT matches by suffix.
+            every_block = num_blocks is not None and indices == list(range(num_blocks))
+            return {
+                "target_modules": rests,
+                "layers_to_transform": None if every_block else indices,
+                "layers_pattern": None if every_block else prefix.rsplit(".", 1)[-1],
+            }
+    # Anything else: full paths, which PEFT matches exactly.
+    return {"target_modules": sorted(paths), "layers_to_transform": None, "layers_pattern": None}
+
+
+def peft_config(paths: list[str], rank: int, alpha: float, rslora: bool, dropout: float,
+                base_model: str | None, num_blocks: int | None) -> dict:
+    """PEFT's adapter_config.json for a LoRA on `paths`."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "use_rslora": rslora,
+        "lora_dropout": dropout,
+        **target_modules(paths, num_blocks),
+        "bias": "none",
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def save_peft(peft_dir: Path, weights: dict[str, mx.array], config: dict) -> None:
+    """Write PEFT's two files atomically (weights first: the config is what marks the dir)."""
+    peft_dir = Path(peft_dir)
+    save_safetensors_atomic(peft_dir / WEIGHTS_FILE, to_peft_weights(weights),
+                            metadata={"format": "pt"})
+    write_json_atomic(peft_dir / CONFIG_FILE, config)
+
+
+def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
+    """A PEFT LoRA directory's config and its weights under our names, validated."""
+    peft_dir = Path(peft_dir)
+    config_path, weights_path = peft_dir / CONFIG_FILE, peft_dir / WEIGHTS_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path}: cannot read PEFT's adapter config ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; "
+                        "mlx-lora imports LORA adapters only")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise UserError(f"{config_path}: {key} is set ({what}); mlx-lora's LoRA cannot "
+                            "carry it, so the adapter would not compute the same thing")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{config_path}: bias is {config['bias']!r}; only 'none' is supported")
+    if not weights_path.is_file():
+        pickles = " (adapter_model.bin is a pickle, which mlx-lora never loads; re-save it " \
+            "with save_pretrained(..., safe_serialization=True))" \
+            if (peft_dir / "adapter_model.bin").is_file() else ""
+        raise UserError(f"{peft_dir}: no {WEIGHTS_FILE}{pickles}")
+    try:
+        raw = mx.load(str(weights_path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{weights_path}: cannot read adapter weights ({e})") from None
+    return config, from_peft_weights(raw, str(weights_path))
+
+
+def peft_hyper(config: dict, source: str) -> tuple[int, float, bool, float]:
+    """(rank, alpha, rslora, dropout) from PEFT's words (r, lora_alpha, use_rslora, lora_dropout)."""
+    try:
+        rank = int(config["r"])
+        alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha
+        dropout = float(config.get("lora_dropout") or 0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})") from None
+    return rank, alpha, bool(config.get("use_rslora", False)), dropout
+
+
+def paths_of(weights: dict[str, mx.array]) -> list[str]:
+    """Module paths that carry adapter tensors, in file order."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[0] for name in weights))
+
+
+def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
+    """Inject the LoRA a PEFT directory holds and load it; any misfit is an error naming it."""
+    peft_dir = Path(peft_dir)
+    config, weights = read_peft(peft_dir)
+    rank, alpha, rslora, dropout = peft_hyper(config, str(peft_dir / CONFIG_FILE))
+    source = str(peft_dir / WEIGHTS_FILE)
+    modules = dict(model.named_modules())
+    for name in weights:
+        path = name.rsplit(".", 1)[0]
+        if not isinstance(modules.get(path), (nn.Linear, nn.QuantizedLinear)):
+            raise UserError(
+                f"{source}: tensor '{_peft_name(name)}' is for module '{path}', which this model "
+                "does not have as a linear layer; was the adapter trained on another base model?"
+            )
+    spec = AdapterSpec("lora", tuple(paths_of(weights)), rank, alpha,
+                       lora_scale(alpha, rank, rslora), dropout, rslora, len(model.layers))
+    inject(model, spec)
+    check_weights(model, weights, source)
+    model.load_weights(list(weights.items()), strict=False)
+    return spec
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
+    """Every injected adapter parameter has a tensor of its shape (named as PEFT names it)."""
+    expected = adapter_weights(model)
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise UserError(
+                f"{source}: tensor '{_peft_name(name)}' has shape {tuple(value.T.shape)} but "
+                f"the model needs {tuple(expected[name].T.shape)}; was the adapter trained on "
+                "another base model (or with a per-module rank)?"
+            )
+    absent = [name for name in expected if name not in weights]
+    if absent:
+        raise UserError(f"{source}: no tensor '{_peft_name(absent[0])}' "
+                        f"(and {len(absent) - 1} more)")
+
+
+def _peft_name(name: str) -> str:
+    path, leaf = name.rsplit(".", 1)
+    return f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"
