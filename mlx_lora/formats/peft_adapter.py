@@ -54,7 +54,8 @@ def to_peft_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         path, leaf = name.rsplit(".", 1)
         if leaf not in PEFT_NAMES:
             raise UserError(f"tensor '{name}' is not a LoRA parameter; PEFT export takes LoRA only")
-        out[f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"] = value.T  # (in, r) -> (r, in); (r, out) -> (out, r)
+        # (in, r) -> (r, in) and (r, out) -> (out, r)
+        out[f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"] = value.T
     return out
 
 
@@ -155,13 +156,15 @@ def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
 
 
 def peft_hyper(config: dict, source: str) -> tuple[int, float, bool, float]:
-    """(rank, alpha, rslora, dropout) from PEFT's words (r, lora_alpha, use_rslora, lora_dropout)."""
+    """(rank, alpha, rslora, dropout) from PEFT's r, lora_alpha, use_rslora, lora_dropout."""
     try:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha
         dropout = float(config.get("lora_dropout") or 0.0)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})") from None
+        raise UserError(
+            f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})"
+        ) from None
     return rank, alpha, bool(config.get("use_rslora", False)), dropout
 
 
