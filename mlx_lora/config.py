@@ -55,6 +55,9 @@ class TrainConfig:
     val_batches: int = _opt(25, "Validation batches per evaluation; -1 = all.")
     save_every: int = _opt(100, "Save adapters and a resume checkpoint every N updates.")
     keep_checkpoints: int = _opt(2, "Resume checkpoints to keep (the newest).")
+    early_stopping_patience: int = _opt(
+        0, "Stop after N evaluations without a better validation loss; 0 = never.")
+    keep_best: bool = _opt(True, "Keep the best-validation adapters in best/ (needs valid data).")
     seed: int = _opt(0, "Random seed for initialization, dropout and shuffling.")
 
 
@@ -178,7 +181,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if getattr(config, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(config, key)}")
     non_negative = ("iters", "epochs", "learning_rate", "weight_decay", "warmup", "max_grad_norm",
-                    "steps_per_eval")
+                    "steps_per_eval", "early_stopping_patience")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")

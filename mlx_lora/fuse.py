@@ -28,10 +28,11 @@ from mlx_lora.quantize import quantize_base
 DELTA_TOLERANCE = 0.1
 PROBE_TEXT = "Once upon a time, the quick brown fox jumped over the lazy dog. 1 2 3"
 PROBE_TOKENS = 16
-# What mlx_lm.load and transformers read besides the weights and config.json.
+# What mlx_lm.load and transformers read besides the weights and config.json (a model's
+# own code too, as mlx-lm's save copies it; it runs only where the user trusts it).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
                    "merges.txt", "*.tiktoken", "tiktoken.model", "chat_template*", "*.jinja",
-                   "generation_config.json")
+                   "generation_config.json", "*.py")
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,13 @@ def fold_quantized(path: str, adapter, tolerance: float) -> tuple[nn.Module, Lay
         candidates.append((8, base.group_size, "affine"))
     base_bits_error = None
     for bits, group_size, mode in candidates:
-        layer = nn.QuantizedLinear.from_linear(target, group_size, bits, mode)
+        try:
+            layer = nn.QuantizedLinear.from_linear(target, group_size, bits, mode)
+        except ValueError:  # e.g. a group size that affine 8-bit does not support
+            continue
         error = relative_error(dequantized_weight(layer), w0, delta)
-        base_bits_error = error if base_bits_error is None else base_bits_error
+        if bits == base.bits:
+            base_bits_error = error
         if error <= tolerance:
             entry = None if bits == base.bits else {"group_size": group_size, "bits": bits,
                                                     "mode": mode}
@@ -160,7 +165,8 @@ def fuse(model: str, adapter_path: str, save_path: str, *, dequantize: bool = Fa
     if dequantize and quantize:
         raise UserError("--dequantize and --quantize exclude each other; pick one")
     save_path = Path(save_path)
-    _check_save_path(save_path, [Path(adapter_path)], overwrite)
+    local = [Path(model)] if Path(model).exists() else []  # a Hub id resolves on load
+    _check_save_path(save_path, [Path(adapter_path), *local], overwrite)
     loaded = load_base_for(model, adapter_path, trust_remote_code)
     _check_save_path(save_path, [loaded.model_path], overwrite)
     net = loaded.model
@@ -194,15 +200,15 @@ def report(result: FuseResult, tolerance: float, n_tokens: int) -> None:
     naive = sorted(c.base_bits_error for c in result.layers if c.base_bits_error is not None)
     if naive:
         worst = max(c.error for c in result.layers)
-        log(f"each kept update within {tolerance:g} relative error (worst {worst:.3g}); "
-            f"re-quantizing all at the base's bits (as mlx_lm.fuse does) would miss them by "
-            f"{naive[len(naive) // 2]:.0%} (median)")
+        log(f"relative error of the saved updates: at most {worst:.3g} (tolerance "
+            f"{tolerance:g}); re-quantizing them all at the base's bits, as mlx_lm.fuse "
+            f"does, would miss them by {naive[len(naive) // 2]:.0%} (median)")
     log(f"max |logit diff| fused vs base+adapter on {n_tokens} tokens: "
         f"{result.max_logit_diff:.3g} (the adapter itself moves them by up to "
         f"{result.adapter_effect:.3g})")
     if result.max_logit_diff > result.bound:
-        log(f"warning: that is more than {tolerance:g} of the adapter's effect; "
-            "--dequantize keeps the update exactly")
+        hint = "; --dequantize keeps the update exactly" if naive else ""
+        log(f"warning: that is more than {tolerance:g} of the adapter's effect{hint}")
 
 
 def log(text: str) -> None:

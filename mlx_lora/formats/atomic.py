@@ -8,6 +8,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_lora.errors import UserError
+
 
 def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
     """Call write(tmp_path) and move the result over `path` only once it is complete."""
@@ -21,6 +23,11 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
+        raise UserError(
+            f"{path}: cannot write ({e}); the previous version of the file is kept. "
+            "Free disk space (or fix permissions) and rerun with --resume"
+        ) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -37,7 +37,18 @@ def load_any_adapter(model: nn.Module, adapter_dir: Path) -> AdapterSpec:
     """Inject and load the adapters of an mlx-lm or a PEFT directory, checking every tensor."""
     if adapter_format(adapter_dir) == "peft":
         return peft_adapter.load_peft_adapters(model, Path(adapter_dir))
+    check_architecture(model, mlx_lm_adapter.read_adapter_config(adapter_dir), adapter_dir)
     return mlx_lm_adapter.load_adapters(model, Path(adapter_dir))
+
+
+def check_architecture(model: nn.Module, config: dict, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on another architecture, even where its shapes would fit."""
+    expected, actual = config.get("model_type"), getattr(model, "model_type", None)
+    if expected and actual and expected != actual:
+        raise UserError(
+            f"{adapter_dir}: the adapter was trained on a {expected} model but this base is "
+            f"{actual}; load it onto the base it was trained on ({config.get('model', '?')})"
+        )
 
 
 def trained_quantization(adapter_dir: Path) -> tuple[int, int] | None:

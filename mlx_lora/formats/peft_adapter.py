@@ -187,7 +187,9 @@ def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
                 f"{source}: tensor '{_peft_name(name)}' is for module '{path}', which this model "
                 "does not have as a linear layer; was the adapter trained on another base model?"
             )
-    spec = AdapterSpec("lora", tuple(paths_of(weights)), rank, alpha,
+    wanted = set(paths_of(weights))
+    paths = tuple(p for p in modules if p in wanted)  # in the model's order, as find_targets
+    spec = AdapterSpec("lora", paths, rank, alpha,
                        lora_scale(alpha, rank, rslora), dropout, rslora, len(model.layers))
     inject(model, spec)
     check_weights(model, weights, source)

@@ -36,6 +36,7 @@ class Position:
     elapsed_s: float = 0.0
     best_val_loss: float | None = None
     best_step: int | None = None
+    evals_since_best: int = 0
 
 
 def save_checkpoint(adapter_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
@@ -46,15 +47,18 @@ def save_checkpoint(adapter_dir: Path, model: nn.Module, optimizer: optim.Optimi
     tmp = root / f".tmp-step-{position.step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_safetensors_atomic(tmp / ADAPTERS, adapter_weights(model))
-    state = dict(tree_flatten(optimizer.state))
-    state["__random_state__"] = mx.random.state[0]
-    save_safetensors_atomic(tmp / OPTIMIZER, state)
-    write_json_atomic(tmp / STATE, asdict(position))
-    if final.exists():  # a rerun of the same step after a resume: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        save_safetensors_atomic(tmp / ADAPTERS, adapter_weights(model))
+        state = dict(tree_flatten(optimizer.state))
+        state["__random_state__"] = mx.random.state[0]
+        save_safetensors_atomic(tmp / OPTIMIZER, state)
+        write_json_atomic(tmp / STATE, asdict(position))
+        if final.exists():  # a rerun of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left behind when a write failed
     for old in list_checkpoints(adapter_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -79,7 +83,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
             f"{path}: cannot read checkpoint ({e}); delete it to use an older one"
         ) from None
     load_adapter_weights(model, path / ADAPTERS)
-    mx.random.state[0] = state.pop("__random_state__")
+    high, low = state.pop("__random_state__").tolist()
+    mx.random.seed((high << 32) | low)  # sets the key to exactly [high, low]
     optimizer.state = tree_unflatten(list(state.items()))
     return position
 

@@ -17,12 +17,18 @@ from mlx_lora.data.tokenize import Example
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.train.checkpoint import Position, save_checkpoint
-from mlx_lora.train.report import ProgressBar, append_metrics, peak_memory_gb
+from mlx_lora.train.interrupt import StopRequest
+from mlx_lora.train.report import ProgressBar, Window, append_metrics, peak_memory_gb
 from mlx_lora.train.step import add_grads, make_eval_step, make_grad_step, make_update
+from mlx_lora.train.validation import batch_arrays, should_stop_early, validate
 
 
 class TrainingDiverged(UserError):
     """The loss or gradient norm stopped being finite; the update was not applied."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
 
 
 @dataclass
@@ -55,30 +61,9 @@ def training_batches(examples: list[Example], config: TrainConfig,
         epoch, cursor = epoch + 1, 0
 
 
-def evaluate_loss(eval_step, examples: list[Example], config: TrainConfig) -> float | None:
-    """Token-weighted mean loss over the first val_batches batches (-1: all) of a split."""
-    if not examples:
-        return None
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if config.val_batches > 0:
-        plan = plan[:config.val_batches]
-    sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
-    for indices in plan:
-        batch = make_batch(examples, indices, config.max_seq_length)
-        ce, n = eval_step(*_arrays(batch))
-        sum_ce, n_tokens = sum_ce + ce, n_tokens + n
-        mx.eval(sum_ce, n_tokens)
-    return (sum_ce / mx.maximum(n_tokens, 1)).item()
-
-
-def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
-    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask)
-
-
 def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
         train_set: list[Example], valid_set: list[Example], position: Position) -> Position:
-    """Train from `position` to the last step; returns the final position."""
+    """Train from `position` to the last step (or an early stop); returns the final position."""
     model = trainee.model
     steps = total_steps(config, len(train_set))
     grad_step, eval_step = make_grad_step(model), make_eval_step(model)
@@ -88,28 +73,31 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
     window = Window()
     started = time.perf_counter() - position.elapsed_s
     if valid_set and position.step == 0:  # the starting point, for comparison
-        _validate(trainee, eval_step, config, valid_set, position, bar)
+        validate(trainee, eval_step, config, valid_set, position, bar.message)
     model.train()
-    try:
-        while position.step < steps:
-            micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
-            loss, n_tokens = accumulate_and_update(grad_step, update, [b for _, _, b in micro],
-                                                   position.step + 1)
-            position.step += 1
-            position.epoch, position.cursor = micro[-1][0], micro[-1][1]
-            position.trained_tokens += n_tokens
-            position.elapsed_s = time.perf_counter() - started
-            window.add(loss, n_tokens, sum(padding_fraction(b) for _, _, b in micro) / len(micro))
-            _after_update(trainee, optimizer, config, valid_set, eval_step, position, steps,
-                          bar, window)
-    except KeyboardInterrupt:
-        path = save_checkpoint(trainee.adapter_dir, model, optimizer, position,
-                               config.keep_checkpoints)
-        bar.message(f"interrupted at step {position.step}: saved {path}; "
-                    "run the same command with --resume to continue")
-        raise
-    finally:
-        bar.close()
+    with StopRequest() as stop:
+        try:
+            while position.step < steps:
+                micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
+                loss, n_tokens = accumulate_and_update(
+                    grad_step, update, [b for _, _, b in micro], position.step + 1)
+                position.step += 1
+                position.epoch, position.cursor = micro[-1][0], micro[-1][1]
+                position.trained_tokens += n_tokens
+                position.elapsed_s = time.perf_counter() - started
+                padding = sum(padding_fraction(b) for _, _, b in micro) / len(micro)
+                window.add(loss, n_tokens, padding)
+                if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
+                                 steps, bar, window):
+                    break
+                if stop.requested:
+                    path = save_checkpoint(trainee.adapter_dir, model, optimizer, position,
+                                           config.keep_checkpoints)
+                    raise TrainingInterrupted(
+                        f"interrupted after step {position.step}: saved {path}; "
+                        "run the same command with --resume to continue")
+        finally:
+            bar.close()
     return position
 
 
@@ -120,7 +108,7 @@ def accumulate_and_update(grad_step, update, micro_batches: list[Batch],
     inv_n = mx.array(1.0 / max(n_tokens, 1))
     grads, sum_ce = None, mx.array(0.0)
     for batch in micro_batches:
-        ce, _, micro_grads = grad_step(*_arrays(batch), inv_n)
+        ce, _, micro_grads = grad_step(*batch_arrays(batch), inv_n)
         grads, sum_ce = add_grads(grads, micro_grads), sum_ce + ce
         mx.eval(grads, sum_ce)
     loss = sum_ce.item() / max(n_tokens, 1)
@@ -140,69 +128,33 @@ def _diverged(step: int, what: str) -> str:
             "The last good checkpoint is intact; --resume continues from it")
 
 
-class Window:
-    """Token-weighted training loss and throughput since the last report."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new reporting window."""
-        self.sum_loss, self.tokens, self.updates, self.padding = 0.0, 0, 0, 0.0
-        self.start = time.perf_counter()
-
-    def add(self, loss: float, n_tokens: int, padding: float) -> None:
-        """Count one update."""
-        self.sum_loss += loss * n_tokens
-        self.tokens += n_tokens
-        self.updates += 1
-        self.padding += padding
-
-    def summary(self) -> dict:
-        """Mean loss, tokens per second and padding fraction over the window."""
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        return {
-            "loss": self.sum_loss / max(self.tokens, 1),
-            "tokens_per_sec": self.tokens / seconds,
-            "padding_fraction": self.padding / max(self.updates, 1),
-        }
-
-
-def _validate(trainee: Trainee, eval_step, config: TrainConfig, valid_set, position: Position,
-              bar: ProgressBar) -> float:
-    trainee.model.eval()
-    val_loss = evaluate_loss(eval_step, valid_set, config)
-    trainee.model.train()
-    bar.message(f"step {position.step}: validation loss {val_loss:.4f}")
-    append_metrics(trainee.adapter_dir, {
-        "event": "val", "step": position.step, "epoch": position.epoch, "val_loss": val_loss,
-        "trained_tokens": position.trained_tokens, "peak_memory_gb": round(peak_memory_gb(), 4),
-        "elapsed_s": round(position.elapsed_s, 3)})
-    return val_loss
-
-
 def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
-                  position: Position, steps: int, bar: ProgressBar, window: Window) -> None:
+                  position: Position, steps: int, bar: ProgressBar, window: Window) -> bool:
+    """Report, validate and save as scheduled; True when early stopping ends the run."""
     step, last = position.step, position.step == steps
-    common = {"step": step, "epoch": position.epoch, "trained_tokens": position.trained_tokens,
-              "peak_memory_gb": round(peak_memory_gb(), 4),
-              "elapsed_s": round(position.elapsed_s, 3)}
     if step % config.steps_per_report == 0 or last:
         summary = window.summary()
-        bar.show(step, summary["loss"], summary["tokens_per_sec"], common["peak_memory_gb"])
+        memory = round(peak_memory_gb(), 4)
+        bar.show(step, summary["loss"], summary["tokens_per_sec"], memory)
         append_metrics(trainee.adapter_dir, {
-            "event": "train", **common, "loss": summary["loss"],
+            "event": "train", "step": step, "epoch": position.epoch, **summary,
             "learning_rate": optimizer.learning_rate.item(),
-            "tokens_per_sec": summary["tokens_per_sec"],
-            "padding_fraction": summary["padding_fraction"],
-        })
+            "trained_tokens": position.trained_tokens, "peak_memory_gb": memory,
+            "elapsed_s": round(position.elapsed_s, 3)})
         window.reset()
+    stop_early = False
     if valid_set and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
         eval_started = time.perf_counter()
-        _validate(trainee, eval_step, config, valid_set, position, bar)
+        validate(trainee, eval_step, config, valid_set, position, bar.message)
         window.start += time.perf_counter() - eval_started  # not training throughput
-    if step % config.save_every == 0 or last:
+        stop_early = should_stop_early(config, position)
+        if stop_early:
+            bar.message(f"early stopping at step {step}: no better validation loss in "
+                        f"{config.early_stopping_patience} evaluations")
+    if step % config.save_every == 0 or last or stop_early:
         save_adapters(trainee.adapter_dir, trainee.model, trainee.spec, trainee.base_model)
         save_checkpoint(trainee.adapter_dir, trainee.model, optimizer, position,
                         config.keep_checkpoints)
-        append_metrics(trainee.adapter_dir, {"event": "save", **common})
+        append_metrics(trainee.adapter_dir, {"event": "save", "step": step,
+                                             "epoch": position.epoch})
+    return stop_early

@@ -42,6 +42,34 @@ def read_metrics(adapter_dir: Path) -> list[dict]:
     return records
 
 
+class Window:
+    """Token-weighted training loss and throughput since the last report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new reporting window."""
+        self.sum_loss, self.tokens, self.updates, self.padding = 0.0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, n_tokens: int, padding: float) -> None:
+        """Count one update."""
+        self.sum_loss += loss * n_tokens
+        self.tokens += n_tokens
+        self.updates += 1
+        self.padding += padding
+
+    def summary(self) -> dict:
+        """Mean loss, tokens per second and padding fraction over the window."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "loss": self.sum_loss / max(self.tokens, 1),
+            "tokens_per_sec": self.tokens / seconds,
+            "padding_fraction": self.padding / max(self.updates, 1),
+        }
+
+
 class ProgressBar:
     """One line on stderr, redrawn in place on a terminal and printed every report otherwise."""
 

@@ -1,6 +1,7 @@
 """A training run from a resolved config: load, read data, inject, resume, fit, save."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import write_text_atomic
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.load import load_base
-from mlx_lora.train.checkpoint import Position, list_checkpoints, load_checkpoint
+from mlx_lora.plot import plot_run
+from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, load_checkpoint
 from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.recompute import checkpoint_blocks
 from mlx_lora.train.report import METRICS_FILE, append_metrics, read_metrics
+from mlx_lora.train.validation import BEST_DIR
 
 CONFIG_FILE = "config.yaml"
 
@@ -36,7 +39,7 @@ def check_adapter_dir(adapter_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: is not a directory; pick another --adapter-path")
-    ours = [adapter_dir / METRICS_FILE, adapter_dir / CONFIG_FILE, adapter_dir / "checkpoints"]
+    ours = [adapter_dir / METRICS_FILE, adapter_dir / CONFIG_FILE, adapter_dir / CHECKPOINTS]
     if any(p.exists() for p in ours) and not (resume or overwrite):
         raise UserError(
             f"{adapter_dir}: holds another run's files; pass --resume to continue it, "
@@ -79,7 +82,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     optimizer.init(model.trainable_parameters())
     adapter_dir.mkdir(parents=True, exist_ok=True)
     if position.step == 0:
-        (adapter_dir / METRICS_FILE).unlink(missing_ok=True)
+        _clear_previous_run(adapter_dir)
     write_text_atomic(adapter_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
 
     log(f"training {steps} steps on {len(train_set)} examples "
@@ -88,8 +91,20 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     position = fit(trainee, optimizer, config, train_set, valid_set, position)
     save_adapters(adapter_dir, model, spec, config.model)
     append_metrics(adapter_dir, _done_record(adapter_dir, position))
-    log(f"done: adapters in {adapter_dir}")
+    plot = plot_run(adapter_dir)
+    log(f"done: the last adapters (step {position.step}) are in {adapter_dir}")
+    if valid_set and config.keep_best:
+        log(f"the best adapters (validation loss {position.best_val_loss:.4f} at step "
+            f"{position.best_step}) are in {adapter_dir / BEST_DIR}")
+    log(f"loss plot: {plot}")
     return adapter_dir
+
+
+def _clear_previous_run(adapter_dir: Path) -> None:
+    """A fresh run (or --overwrite) starts without an older run's metrics or checkpoints."""
+    (adapter_dir / METRICS_FILE).unlink(missing_ok=True)
+    for name in (CHECKPOINTS, BEST_DIR):
+        shutil.rmtree(adapter_dir / name, ignore_errors=True)
 
 
 def _start_position(adapter_dir: Path, model, optimizer, resume: bool) -> Position:

@@ -1,0 +1,132 @@
+"""Loss, perplexity and exact-match accuracy of greedy generations over one data split."""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+
+from mlx_lora.data.batching import make_batch
+from mlx_lora.data.records import Record, find_splits, read_records
+from mlx_lora.data.template import render
+from mlx_lora.data.tokenize import Example, load_split
+from mlx_lora.errors import UserError
+from mlx_lora.load import LoadedModel
+from mlx_lora.train.step import make_eval_step
+
+EXTRA_TOKENS = 8  # generated past the reference's length: enough to see it does not stop there
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `mlx-lora eval` reports (and prints as JSON)."""
+
+    split: str
+    loss: float  # mean cross-entropy per target token
+    perplexity: float
+    tokens: int  # target tokens the loss averages over
+    records: int
+    accuracy: float | None = None  # exact matches / generated, when generations were asked for
+    generated: int = 0
+
+    def to_dict(self) -> dict:
+        """The fields, for JSON."""
+        return asdict(self)
+
+
+def split_file(data: str, split: str) -> Path:
+    """The file of `split` in a data directory, or the one data file given."""
+    if Path(data).is_file():
+        return Path(data)
+    splits = find_splits(data)
+    if split not in splits:
+        raise UserError(f"{data}: no {split}.jsonl (it has: {', '.join(sorted(splits))}); "
+                        "pick one with --split")
+    return splits[split]
+
+
+def summed_loss(model: nn.Module, examples: list[Example], batch_size: int,
+              max_seq_length: int) -> tuple[float, int]:
+    """Summed cross-entropy over every target token of the examples, and their count."""
+    eval_step = make_eval_step(model)
+    # Sorted by length so each batch pads little; make_batch pads to a multiple of 32 so the
+    # compiled step sees few shapes.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
+    for start in range(0, len(order), batch_size):
+        batch = make_batch(examples, order[start:start + batch_size], max_seq_length)
+        ce, n = eval_step(mx.array(batch.inputs), mx.array(batch.targets),
+                          mx.array(batch.loss_mask))
+        sum_ce, n_tokens = sum_ce + ce, n_tokens + n
+        mx.eval(sum_ce, n_tokens)
+    return sum_ce.item(), int(n_tokens.item())
+
+
+def generation_task(record: Record, tokenizer) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, reference ids) for the record's completion or last assistant turn.
+
+    Both come from the same rendering training uses, so the prompt ends exactly where the
+    supervised tokens of the last turn begin. None for plain text records.
+    """
+    if record.kind == "text":
+        return None
+    ids, flags = render(record, tokenizer, mask_prompt=True)
+    end = len(flags)
+    while end and not flags[end - 1]:
+        end -= 1
+    start = end
+    while start and flags[start - 1]:
+        start -= 1
+    reference = ids[start:end]
+    while reference and reference[-1] in tokenizer.eos_token_ids:
+        reference = reference[:-1]
+    return (ids[:start], reference) if start else None
+
+
+def greedy(model: nn.Module, tokenizer, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt`, up to an end-of-sequence token or max_tokens."""
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        if int(token) in tokenizer.eos_token_ids:
+            break
+        out.append(int(token))
+    return out
+
+
+def exact_matches(model: nn.Module, tokenizer, records: list[Record],
+                  limit: int) -> tuple[int, int]:
+    """(matches, generated) over the first `limit` records with a completion (-1: all)."""
+    tasks = [t for r in records if (t := generation_task(r, tokenizer)) is not None]
+    tasks = tasks if limit < 0 else tasks[:limit]
+    matches = 0
+    for prompt, reference in tasks:
+        generated = greedy(model, tokenizer, prompt, len(reference) + EXTRA_TOKENS)
+        matches += _text(tokenizer, generated) == _text(tokenizer, reference)
+    return matches, len(tasks)
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def evaluate(loaded: LoadedModel, data_file: Path, *, split: str = "test", batch_size: int = 4,
+             max_seq_length: int = 2048, mask_prompt: bool = False,
+             generate: int = 0) -> EvalResult:
+    """Loss and perplexity over all of `data_file`, and accuracy over `generate` records."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    examples = load_split(data_file, tokenizer, max_seq_length, mask_prompt)
+    sum_ce, n_tokens = summed_loss(model, examples, batch_size, max_seq_length)
+    loss = sum_ce / max(n_tokens, 1)
+    records = read_records(data_file)
+    accuracy, generated = None, 0
+    if generate:
+        matches, generated = exact_matches(model, tokenizer, records, generate)
+        if generated == 0:
+            raise UserError(f"{data_file}: --generate needs prompt/completion or chat records; "
+                            "plain text has no reference answer")
+        accuracy = matches / generated
+    perplexity = math.exp(loss) if loss < 700 else math.inf
+    return EvalResult(split, loss, perplexity, n_tokens, len(records), accuracy, generated)
