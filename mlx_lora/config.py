@@ -79,9 +79,14 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read the config file ({e})") from None
     try:
         raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        kind = "JSON" if path.endswith(".json") else "YAML"
-        raise UserError(f"{path}: not valid {kind}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(
+            f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

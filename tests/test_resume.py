@@ -1,7 +1,6 @@
 """Never lose a run: resume equals the uninterrupted run, kills, Ctrl-C, NaN, full disk."""
 
 import json
-import os
 import random
 import shutil
 import signal

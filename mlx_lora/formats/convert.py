@@ -92,6 +92,9 @@ def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
     if source == fmt:
         raise UserError(f"{adapter_dir} is already in {fmt} format")
     if fmt == "peft":
+        if quantization := trained_quantization(adapter_dir):
+            print(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base (QLoRA); "
+                  "PEFT adds it to whatever base it is loaded onto", file=sys.stderr)
         mlx_lm_to_peft(adapter_dir, save_path)
     else:
         peft_to_mlx_lm(adapter_dir, save_path)

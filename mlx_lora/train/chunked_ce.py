@@ -1,0 +1,107 @@
+"""Cross-entropy through the output head one chunk of positions at a time.
+
+The (positions, vocab) logits of a chunk are made, reduced and dropped before the next chunk,
+so with a 150k vocabulary the head costs a few hundred MB instead of the (B, L, V) logits and
+their gradient. For training, each chunk's forward pass also computes the loss's gradient
+with respect to its hidden states (a custom vjp), so the backward pass neither keeps nor
+recomputes logits: one head matmul forward, one back, and a single exp over the logits.
+"""
+
+import math
+import sys
+
+import mlx.core as mx
+
+from mlx_lora.train.head import Split
+
+LOGITS_CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk; 128 positions at vocab 152k
+MAX_CHUNK = 4096
+LOG2E = 1.4426950408889634
+
+
+def chunk_size(vocab_size: int) -> int:
+    """Positions per chunk: a power of two whose float32 logits fit LOGITS_CHUNK_BYTES."""
+    fit = LOGITS_CHUNK_BYTES // (4 * vocab_size)
+    return min(MAX_CHUNK, 2 ** max(5, int(math.log2(max(fit, 1)))))
+
+
+def _exp_cpu(x: mx.array) -> mx.array:
+    # MLX's CPU exp is a scalar polynomial; on x86 libm's pow is ~2-3x faster per element
+    # (measured: 14 vs 6 ns on 152k-wide rows) and as accurate (both ~4e-6 relative on
+    # [-87, 0], from the float32 input). The exp over the logits is a third of the head's time.
+    return mx.power(2.0, x * LOG2E)
+
+
+# Apple's builds vectorize exp (Accelerate / Metal); elsewhere use pow.
+_exp = mx.exp if sys.platform == "darwin" else _exp_cpu
+
+
+def chunked_ce_sum(split: Split, hidden: mx.array, targets: mx.array, weights: mx.array,
+                   with_grad: bool) -> mx.array:
+    """Sum over positions of weight * cross-entropy of head(hidden) against targets.
+
+    hidden (P, H), targets (P,) int32, weights (P,) float32. with_grad picks the chunk
+    function whose vjp is cheapest: the fused one when the head is frozen.
+    """
+    n = hidden.shape[0]
+    size = chunk_size(split.vocab_size)
+    if not with_grad:
+        chunk = _chunk_ce(split)
+    elif split.frozen:
+        chunk = _fused_chunk_ce(split)
+    else:  # a trained head needs its own gradients: recompute each chunk's logits instead
+        chunk = mx.checkpoint(_chunk_ce(split))
+    total = mx.array(0.0)
+    for start in range(0, n, size):  # static bounds: P is fixed per shape
+        end = start + size
+        total = total + chunk(hidden[start:end], targets[start:end], weights[start:end])
+    return total
+
+
+def _log_sum_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(lse (C,), exp(logits - max) (C, V), their row sums (C, 1)) with one exp pass."""
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = _exp(logits - top)
+    s = e.sum(axis=-1, keepdims=True)
+    return (top + mx.log(s))[:, 0], e, s
+
+
+def _chunk_ce(split: Split):
+    def chunk(h, t, w):
+        logits = split.head(h).astype(mx.float32)  # (C, V)
+        lse, _, _ = _log_sum_exp(logits)
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return ((lse - picked) * w).sum()
+
+    return chunk
+
+
+def _fused_chunk_ce(split: Split):
+    """A chunk's loss whose forward pass also makes d loss / d h, so backward is a multiply."""
+
+    @mx.custom_function
+    def chunk(h, t, w):
+        logits = split.head(h).astype(mx.float32)  # (C, V)
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        lse, e, s = _log_sum_exp(logits)
+        ce = ((lse - picked) * w).sum()
+        # d ce / d logits = w * (softmax - onehot); through the head it becomes d ce / d h.
+        scale = (w / s[:, 0])[:, None]
+        if split.weight is not None:  # head(h) = h @ W.T: the onehot part is a row gather
+            weight = split.weight()
+            grad_h = (e.astype(weight.dtype) @ weight) * scale - weight[t] * w[:, None]
+        else:
+            onehot = mx.arange(logits.shape[-1])[None] == t[:, None]
+            grad_logits = e * scale - onehot * w[:, None]
+            _, (grad_h,) = mx.vjp(split.head, [h], [grad_logits.astype(h.dtype)])
+        return ce, grad_h.astype(h.dtype)
+
+    @chunk.vjp
+    def chunk_vjp(primals, cotangents, outputs):
+        _, t, w = primals
+        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+
+    def ce_only(h, t, w):
+        return chunk(h, t, w)[0]
+
+    return ce_only
