@@ -86,6 +86,28 @@ def generate(model, adapter_path, prompt, max_tokens, temp, chat, trust_remote_c
 
 
 @cli.command()
+@click.option("--model", required=True, help="The model whose tokenizer and template to use.")
+@click.option("--data", required=True, help="Directory with train.jsonl [valid, test] or a file.")
+@click.option("--max-seq-length", default=2048, show_default=True, help="Truncation length.")
+@click.option("--mask-prompt/--no-mask-prompt", default=False, show_default=True,
+              help="Train only on completions / every assistant turn.")
+def data(model, data, max_seq_length, mask_prompt):
+    """Check a data set and show what training will see: counts and the targets of one record."""
+    from mlx_lora.data.inspect import inspect_data
+    from mlx_lora.load import load_tokenizer_only
+
+    tokenizer = load_tokenizer_only(model)
+    stats, first = inspect_data(data, tokenizer, max_seq_length, mask_prompt)
+    for s in stats:
+        click.echo(f"{s.split}: {s.file} ({s.formats}): {s.records} records -> {s.examples} "
+                   f"examples, {s.tokens:,} tokens ({s.target_tokens:,} carry loss), longest "
+                   f"{s.longest}, {s.truncated} truncated")
+    if first is not None:
+        click.echo("first training example, targets between ⟦ and ⟧:")
+        click.echo(first)
+
+
+@cli.command()
 @click.argument("adapter_dir", type=click.Path(file_okay=False))
 def plot(adapter_dir):
     """Draw ADAPTER_DIR/loss.svg (training and validation loss) from its metrics.jsonl."""

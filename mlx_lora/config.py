@@ -38,6 +38,11 @@ class TrainConfig:
     max_seq_length: int = _opt(2048, "Longer records are truncated to this many tokens.")
     mask_prompt: bool = _opt(False, "Train only on completions / every assistant turn.")
     batch_size: int = _opt(4, "Records per micro-batch.")
+    pack: bool = _opt(
+        True, "Pack records into rows of up to max-seq-length tokens, each record seeing only "
+        "itself (batch-size records per micro-batch on average); off, saying why, for a model "
+        "where packing would change the loss."
+    )
     grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer update (token-weighted).")
     iters: int = _opt(1000, "Optimizer updates to run (ignored when epochs is set).")
     epochs: float = _opt(0.0, "Passes over the training set; 0 = use iters.")

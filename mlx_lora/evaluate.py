@@ -1,20 +1,21 @@
 """Loss, perplexity and exact-match accuracy of greedy generations over one data split."""
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
 
-from mlx_lora.data.batching import make_batch
+from mlx_lora.config import TrainConfig
 from mlx_lora.data.records import Record, find_splits, read_records
 from mlx_lora.data.template import render
 from mlx_lora.data.tokenize import Example, load_split
 from mlx_lora.errors import UserError
 from mlx_lora.load import LoadedModel
 from mlx_lora.train.step import make_eval_step
+from mlx_lora.train.validation import evaluate_loss
 
 EXTRA_TOKENS = 8  # generated past the reference's length: enough to see it does not stop there
 
@@ -32,8 +33,11 @@ class EvalResult:
     generated: int = 0
 
     def to_dict(self) -> dict:
-        """The fields, for JSON."""
-        return asdict(self)
+        """The fields, for JSON; accuracy only when generations were asked for."""
+        fields = asdict(self)
+        if self.accuracy is None:
+            del fields["accuracy"], fields["generated"]
+        return fields
 
 
 def split_file(data: str, split: str) -> Path:
@@ -47,21 +51,18 @@ def split_file(data: str, split: str) -> Path:
     return splits[split]
 
 
-def summed_loss(model: nn.Module, examples: list[Example], batch_size: int,
+def mean_loss(model: nn.Module, examples: list[Example], batch_size: int,
               max_seq_length: int) -> tuple[float, int]:
-    """Summed cross-entropy over every target token of the examples, and their count."""
-    eval_step = make_eval_step(model)
-    # Sorted by length so each batch pads little; make_batch pads to a multiple of 32 so the
-    # compiled step sees few shapes.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
-    for start in range(0, len(order), batch_size):
-        batch = make_batch(examples, order[start:start + batch_size], max_seq_length)
-        ce, n = eval_step(mx.array(batch.inputs), mx.array(batch.targets),
-                          mx.array(batch.loss_mask))
-        sum_ce, n_tokens = sum_ce + ce, n_tokens + n
-        mx.eval(sum_ce, n_tokens)
-    return sum_ce.item(), int(n_tokens.item())
+    """Token-weighted mean cross-entropy over every target token of the examples, and their count.
+
+    Through the training run's own validation loss, so eval and training agree by construction.
+    """
+    config = replace(TrainConfig(), batch_size=batch_size, max_seq_length=max_seq_length,
+                     val_batches=-1)
+    loss = evaluate_loss(make_eval_step(model), examples, config)
+    # The first token of a sequence is never a target: nothing precedes it.
+    n_tokens = sum(int(e.mask[1:].sum()) for e in examples)
+    return loss, n_tokens
 
 
 def generation_task(record: Record, tokenizer) -> tuple[list[int], list[int]] | None:
@@ -118,8 +119,7 @@ def evaluate(loaded: LoadedModel, data_file: Path, *, split: str = "test", batch
     model, tokenizer = loaded.model, loaded.tokenizer
     model.eval()
     examples = load_split(data_file, tokenizer, max_seq_length, mask_prompt)
-    sum_ce, n_tokens = summed_loss(model, examples, batch_size, max_seq_length)
-    loss = sum_ce / max(n_tokens, 1)
+    loss, n_tokens = mean_loss(model, examples, batch_size, max_seq_length)
     records = read_records(data_file)
     accuracy, generated = None, 0
     if generate:

@@ -243,6 +243,10 @@ def write_model_dir(save_path: Path, model: nn.Module, config: dict, source: Pat
                 if file.is_file():
                     shutil.copy2(file, tmp / file.name)
         _move_into_place(tmp, save_path, overwrite)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the fused model to {save_path} ({e}); nothing was "
+                        "left behind: free disk space (or fix permissions) and rerun") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

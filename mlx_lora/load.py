@@ -179,6 +179,12 @@ def load_base(
     return LoadedModel(net, tokenizer, config, path, quantization)
 
 
+def load_tokenizer_only(model: str) -> TokenizerWrapper:
+    """The tokenizer of a model (directory or Hub id), without loading its weights."""
+    path = resolve_model_path(model)
+    return _load_tokenizer(path, _read_config(path))
+
+
 def _load_model(path: Path, trust_remote_code: bool) -> tuple[nn.Module, dict]:
     fixes = config_fixes(path)
     model_type = _read_config(path).get("model_type")

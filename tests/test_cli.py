@@ -128,3 +128,15 @@ def test_refuses_to_mix_runs_in_one_directory(tiny_llama, chat_data, tmp_path):
     again = CliRunner().invoke(cli, [str(a) for a in args])
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert run(*args, "--overwrite").exit_code == 0
+
+
+def test_data_command_shows_counts_and_targets(tiny_llama, chat_data):
+    result = run("data", "--model", tiny_llama, "--data", chat_data, "--mask-prompt")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("train: ") and "20 records -> 20 examples" in lines[0]
+    assert lines[1].startswith("valid: ") and "4 records" in lines[1]
+    # the first record is "0 plus 0": both assistant answers are targets, nothing else is
+    shown = result.output.split("targets between ⟦ and ⟧:\n")[1]
+    assert shown.count("⟦") == 2 and "⟦0<|im_end|>⟧" in shown
+    assert shown.index("⟦") > shown.index("What is 0 plus 0?")

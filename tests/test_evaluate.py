@@ -130,6 +130,9 @@ def test_eval_cli_json_is_the_last_stdout_line(tiny_llama, data_dir):
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert report["generated"] == 2 and 0 <= report["accuracy"] <= 1
     assert len(result.stdout.strip().splitlines()) == 1  # the human lines went to stderr
+    plain = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), "--data",
+                                     str(data_dir), "--json"])
+    assert set(json.loads(plain.stdout)) == {"split", "loss", "perplexity", "tokens", "records"}
 
 
 def test_eval_cli_errors(tiny_llama, data_dir, tmp_path):

@@ -7,6 +7,9 @@ import numpy as np
 from mlx_lora.data.tokenize import Example
 
 PAD_MULTIPLE = 32  # pad lengths to a multiple of this so the compiled step sees few shapes
+# The loss-carrying positions of a batch are padded to a multiple of this: a new count is a
+# new shape (a recompile), a bigger multiple more head work on padding.
+POSITION_MULTIPLE = 128
 BUCKET_WINDOW = 100  # sort by length within windows of this many batches
 
 
@@ -19,9 +22,11 @@ class Batch:
     loss_mask: np.ndarray  # (B, L) float32, 1.0 where targets[b, t] carries loss
     n_target_tokens: int
     lengths: np.ndarray | None = None  # (B,) int32, real (unpadded) positions per row
+    segments: np.ndarray | None = None  # (B, L) int32 for packed rows: 1, 2, ... per record, 0 pad
 
 
-def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """n rounded up to a multiple."""
     return -(-n // multiple) * multiple
 
 
@@ -43,10 +48,10 @@ def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int) -> li
 def make_batch(examples: list[Example], indices: list[int], max_seq_length: int) -> Batch:
     """Pad the chosen examples to the batch's longest, rounded up to a multiple of 32."""
     chosen = [examples[i] for i in indices]
-    cap = _round_up(max_seq_length)
+    cap = round_up(max_seq_length)
     longest = max(len(e.ids) - 1 for e in chosen)
     # Few distinct L values means few recompilations of the training step.
-    width = min(_round_up(max(longest, 1)), cap)
+    width = min(round_up(max(longest, 1)), cap)
     inputs = np.zeros((len(chosen), width), np.int32)
     targets = np.zeros((len(chosen), width), np.int32)
     loss_mask = np.zeros((len(chosen), width), np.float32)
@@ -65,3 +70,18 @@ def padding_fraction(batch: Batch) -> float:
     if batch.lengths is None:  # a batch built elsewhere: positions without loss count as padding
         return 1.0 - float(batch.loss_mask.mean())
     return 1.0 - float(batch.lengths.sum()) / batch.inputs.size
+
+
+def loss_positions(loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the positions that carry loss, and their weights, padded to a multiple.
+
+    Padding entries point at position 0 with weight 0, so they add nothing to loss or grads.
+    """
+    flat = loss_mask.reshape(-1)
+    chosen = np.flatnonzero(flat)
+    size = min(round_up(max(len(chosen), 1), POSITION_MULTIPLE), flat.size)
+    positions = np.zeros(size, np.int32)
+    weights = np.zeros(size, np.float32)
+    positions[: len(chosen)] = chosen
+    weights[: len(chosen)] = flat[chosen]
+    return positions, weights

@@ -50,7 +50,7 @@ def chunked_ce_sum(split: Split, hidden: mx.array, targets: mx.array, weights: m
     elif split.frozen:
         chunk = _fused_chunk_ce(split)
     else:  # a trained head needs its own gradients: recompute each chunk's logits instead
-        chunk = mx.checkpoint(_chunk_ce(split))
+        chunk = _checkpointed_chunk_ce(split)
     total = mx.array(0.0)
     for start in range(0, n, size):  # static bounds: P is fixed per shape
         end = start + size
@@ -72,6 +72,21 @@ def _chunk_ce(split: Split):
         lse, _, _ = _log_sum_exp(logits)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return ((lse - picked) * w).sum()
+
+    return chunk
+
+
+def _checkpointed_chunk_ce(split: Split):
+    plain = _chunk_ce(split)
+
+    def chunk(h, t, w):
+        # The head's parameters go in as arguments so their gradients flow through the
+        # checkpoint; t and w are captured, as no gradient is taken with respect to them.
+        def run(params, h):
+            split.module.update(params)
+            return plain(h, t, w)
+
+        return mx.checkpoint(run)(split.module.trainable_parameters(), h)
 
     return chunk
 

@@ -20,6 +20,7 @@ class Split:
 
     backbone: Callable[..., mx.array]
     head: Callable[[mx.array], mx.array]
+    module: nn.Module  # the module holding the head's parameters
     weight: Callable[[], mx.array] | None  # the (V, H) matrix when head(h) == h @ weight.T
     frozen: bool  # no trainable parameter in the head: only its gradient w.r.t. h is needed
     vocab_size: int
@@ -36,6 +37,7 @@ def split_model(model: nn.Module) -> tuple[Split | None, str | None]:
     split = Split(
         backbone=lambda inputs, cache=None: inner(inputs, cache=cache),
         head=head,
+        module=module,
         weight=_plain_weight(module),
         frozen=not tree_flatten(module.trainable_parameters()),
         vocab_size=0,

@@ -13,6 +13,7 @@ import mlx.optimizers as optim
 from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import Batch, batch_plan, make_batch, padding_fraction
+from mlx_lora.data.packing import make_packed_batch, packed_plan, packed_width, positions
 from mlx_lora.data.tokenize import Example
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
@@ -52,12 +53,18 @@ def total_steps(config: TrainConfig, n_examples: int) -> int:
 def training_batches(examples: list[Example], config: TrainConfig,
                      position: Position) -> Iterator[tuple[int, int, Batch]]:
     """(epoch, cursor after this batch, batch) forever, resuming at position.epoch/cursor."""
-    lengths = [len(e.ids) for e in examples]
+    sizes = positions(examples)
+    width = packed_width(sizes, config.max_seq_length)
     epoch, cursor = position.epoch, position.cursor
     while True:
-        plan = batch_plan(lengths, config.batch_size, config.seed, epoch)
+        if config.pack:
+            plan = packed_plan(sizes, config.batch_size, width, config.seed, epoch)
+        else:
+            plan = batch_plan(sizes, config.batch_size, config.seed, epoch)
         for index in range(cursor, len(plan)):
-            yield epoch, index + 1, make_batch(examples, plan[index], config.max_seq_length)
+            batch = (make_packed_batch(examples, plan[index], width) if config.pack
+                     else make_batch(examples, plan[index], config.max_seq_length))
+            yield epoch, index + 1, batch
         epoch, cursor = epoch + 1, 0
 
 

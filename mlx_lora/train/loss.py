@@ -1,8 +1,8 @@
 """Cross-entropy summed over target tokens: (sum_ce, n_target_tokens), normalized by the caller.
 
-The training loss sees a batch as `LossInputs` arrays: the inputs, the segment ids of packed
-rows (or None), and the flat positions that carry loss with their targets and weights, so
-the output head runs only where there is something to learn.
+The training loss takes a batch as the inputs, the segment ids of packed rows (or None), and
+the flat positions that carry loss with their targets and weights, so the output head runs
+only where there is something to learn.
 """
 
 from collections.abc import Callable
@@ -28,7 +28,8 @@ def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, loss_mask: 
     return (ce * loss_mask).sum(), loss_mask.sum()
 
 
-def make_loss(model: nn.Module, with_grad: bool, say: Callable[[str], None] | None = None) -> LossFn:
+def make_loss(model: nn.Module, with_grad: bool,
+              say: Callable[[str], None] | None = None) -> LossFn:
     """(inputs, segments, positions, targets, weights) -> (sum_ce, n_tokens).
 
     inputs (B, L) int32; segments (B, L) int32 or None; positions (P,) int32 flat indices

@@ -61,8 +61,9 @@ def packing_problem(model: nn.Module) -> str | None:
     model.eval()  # no dropout in the comparison
     try:
         packed = model(ids[None], cache=segment_caches(model, segments))[0]
+        starts = (0, lengths[0])
         alone = mx.concatenate([model(ids[None, s:s + n])[0]
-                                for s, n in zip((0, lengths[0]), lengths)])
+                                for s, n in zip(starts, lengths, strict=True)])
         scale = mx.abs(alone).max().item() + 1e-6
         diff = mx.abs(packed.astype(mx.float32) - alone.astype(mx.float32)).max().item()
     except Exception as e:  # any architecture that cannot take the stand-in cache
@@ -71,8 +72,8 @@ def packing_problem(model: nn.Module) -> str | None:
         model.train(was_training)
     tolerance = 1e-4 if packed.dtype == mx.float32 else 3e-2
     if not diff <= tolerance * scale:  # also catches NaN
-        return (f"packed logits differ from unpacked ones (max difference {diff:.3g} of {scale:.3g}):"
-                " the model uses absolute positions or ignores the cache's attention mask")
+        return (f"packed logits differ from unpacked ones (max difference {diff:.3g} of "
+                f"{scale:.3g}): the model uses absolute positions or ignores the cache's mask")
     return None
 
 

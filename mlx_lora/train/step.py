@@ -1,5 +1,6 @@
 """The compiled pieces of a training update: gradients of a micro-batch, and the Adam update."""
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -8,28 +9,39 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from mlx_lora.train.loss import loss_sums
+from mlx_lora.train.loss import make_loss
 
 
-def make_grad_step(model: nn.Module) -> Callable:
-    """(inputs, targets, loss_mask, inv_n) -> (sum_ce, n_tokens, grads of sum_ce * inv_n).
+def make_grad_step(model: nn.Module, on_trace: Callable[[], None] | None = None) -> Callable:
+    """(inputs, segments, positions, targets, weights, inv_n) -> (sum_ce, n_tokens, grads).
 
-    inv_n is 1 / the target tokens of the whole accumulated update, so summing the grads of
-    k micro-batches gives the token-weighted mean over all of them.
+    The grads are those of sum_ce * inv_n; inv_n is 1 / the target tokens of the whole
+    accumulated update, so summing the grads of k micro-batches gives the token-weighted mean
+    over all of them. The arrays are those of `loss.make_loss`. on_trace is called each time
+    the step is traced, that is compiled: once per distinct shape of its arguments.
     """
-    def scaled_loss(inputs, targets, loss_mask, inv_n):
-        sum_ce, n_tokens = loss_sums(model, inputs, targets, loss_mask)
+    loss = make_loss(model, with_grad=True, say=_say)
+
+    def scaled_loss(inputs, segments, positions, targets, weights, inv_n):
+        sum_ce, n_tokens = loss(inputs, segments, positions, targets, weights)
         return sum_ce * inv_n, (sum_ce, n_tokens)
 
     value_and_grad = nn.value_and_grad(model, scaled_loss)
     state = [model.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def grad_step(inputs, targets, loss_mask, inv_n):
-        (_, (sum_ce, n_tokens)), grads = value_and_grad(inputs, targets, loss_mask, inv_n)
+    def grad_step(inputs, segments, positions, targets, weights, inv_n):
+        if on_trace is not None:
+            on_trace()
+        (_, (sum_ce, n_tokens)), grads = value_and_grad(inputs, segments, positions, targets,
+                                                        weights, inv_n)
         return sum_ce, n_tokens, grads
 
     return grad_step
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float) -> Callable:
@@ -66,9 +78,11 @@ def add_grads(total, grads):
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-    """(inputs, targets, loss_mask) -> (sum_ce, n_tokens), compiled, no gradients."""
+    """(inputs, segments, positions, targets, weights) -> (sum_ce, n_tokens), compiled."""
+    loss = make_loss(model, with_grad=False)
+
     @partial(mx.compile, inputs=model.state)
-    def eval_step(inputs, targets, loss_mask):
-        return loss_sums(model, inputs, targets, loss_mask)
+    def eval_step(inputs, segments, positions, targets, weights):
+        return loss(inputs, segments, positions, targets, weights)
 
     return eval_step

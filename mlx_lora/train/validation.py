@@ -3,7 +3,8 @@
 import mlx.core as mx
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data.batching import make_batch
+from mlx_lora.data.batching import Batch, loss_positions, make_batch
+from mlx_lora.data.packing import eval_plan, make_packed_batch, packed_width, positions
 from mlx_lora.data.tokenize import Example
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.train.checkpoint import Position
@@ -20,18 +21,33 @@ def evaluate_loss(eval_step, examples: list[Example], config: TrainConfig) -> fl
     plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     if config.val_batches > 0:
         plan = plan[:config.val_batches]
+    if config.pack:  # the same records, packed: the same loss in fewer, fuller rows
+        sizes = positions(examples)
+        width = packed_width(sizes, config.max_seq_length)
+        rows = eval_plan(sizes, [i for indices in plan for i in indices], config.batch_size,
+                         width)
+        batches = (make_packed_batch(examples, batch_rows, width) for batch_rows in rows)
+    else:
+        batches = (make_batch(examples, indices, config.max_seq_length) for indices in plan)
     sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
-    for indices in plan:
-        batch = make_batch(examples, indices, config.max_seq_length)
+    for batch in batches:
         ce, n = eval_step(*batch_arrays(batch))
         sum_ce, n_tokens = sum_ce + ce, n_tokens + n
         mx.eval(sum_ce, n_tokens)
     return (sum_ce / mx.maximum(n_tokens, 1)).item()
 
 
-def batch_arrays(batch) -> tuple[mx.array, mx.array, mx.array]:
-    """A batch's (inputs, targets, loss_mask) as MLX arrays."""
-    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask)
+def batch_arrays(batch: Batch) -> tuple[mx.array, mx.array | None, mx.array, mx.array, mx.array]:
+    """A batch as the loss takes it: (inputs, segments or None, positions, targets, weights).
+
+    Only positions that carry loss reach the output head; their count is rounded up
+    (batching.POSITION_MULTIPLE) so the compiled step sees few shapes.
+    """
+    positions_, weights = loss_positions(batch.loss_mask)
+    targets = batch.targets.reshape(-1)[positions_]
+    segments = None if batch.segments is None else mx.array(batch.segments)
+    return (mx.array(batch.inputs), segments, mx.array(positions_), mx.array(targets),
+            mx.array(weights))
 
 
 def validate(trainee, eval_step, config: TrainConfig, valid_set: list[Example],

@@ -1,0 +1,127 @@
+"""The chunked, loss-positions-only loss equals the plain full-logits loss, value and gradient."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_lora.adapters.inject import inject, make_spec
+from mlx_lora.data.batching import make_batch
+from mlx_lora.data.tokenize import Example
+from mlx_lora.load import load_base
+from mlx_lora.train import chunked_ce
+from mlx_lora.train.head import split_model
+from mlx_lora.train.loss import loss_sums, make_loss
+from mlx_lora.train.validation import batch_arrays
+
+
+def adapted(model_dir, targets="all-linear"):
+    """The model with LoRA on `targets`, lora_b random so every adapter gets a gradient."""
+    model = load_base(str(model_dir)).model
+    inject(model, make_spec(model, "lora", targets, -1, 4, 8.0, 0.0, False))
+    rng = np.random.default_rng(0)
+    model.update(tree_unflatten([
+        (k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.05))
+        for k, v in tree_flatten(model.trainable_parameters())]))
+    return model
+
+
+def examples(vocab: int, seed: int = 0) -> list[Example]:
+    """Records of varied length whose first 40% (the 'prompt') carries no loss."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in (9, 40, 17, 3, 31):
+        ids = rng.integers(0, vocab, n).astype(np.int32)
+        out.append(Example(ids, np.arange(n) >= int(0.4 * n)))
+    return out
+
+
+def plain_and_grads(model, batch):
+    def f(inputs, targets, mask):
+        return loss_sums(model, inputs, targets, mask)[0]
+
+    value, grads = nn.value_and_grad(model, f)(
+        mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask))
+    return value, dict(tree_flatten(grads))
+
+
+def fast_and_grads(model, batch, with_grad=True):
+    loss = make_loss(model, with_grad=with_grad)
+    value, grads = nn.value_and_grad(model, lambda *a: loss(*a)[0])(*batch_arrays(batch))
+    return value, dict(tree_flatten(grads))
+
+
+def assert_same(plain, fast):
+    (v1, g1), (v2, g2) = plain, fast
+    assert v2.item() == pytest.approx(v1.item(), rel=1e-5)
+    assert g1.keys() == g2.keys()
+    for key in g1:
+        scale = mx.abs(g1[key]).max().item()
+        assert scale > 0, key
+        assert mx.abs(g1[key] - g2[key]).max().item() <= 1e-4 * scale, key
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_qwen2"])
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_splits_into_backbone_and_head(model_dir):
+    split, problem = split_model(load_base(str(model_dir)).model)
+    assert problem is None and split.frozen and split.weight is not None
+    assert split.vocab_size == 512
+
+
+def test_chunked_loss_and_grads_equal_plain(model_dir, monkeypatch):
+    # 32 positions per chunk: the 5 records' targets span several chunks.
+    monkeypatch.setattr(chunked_ce, "LOGITS_CHUNK_BYTES", 4 * 512 * 32)
+    model = adapted(model_dir)
+    batch = make_batch(examples(512), list(range(5)), 64)
+    plain = plain_and_grads(model, batch)
+    assert_same(plain, fast_and_grads(model, batch))
+    assert_same(plain, fast_and_grads(model, batch, with_grad=False))  # the eval chunks
+
+
+def test_trained_head_recomputes_chunks(tiny_llama):
+    model = adapted(tiny_llama, targets="q_proj,lm_head")
+    split, _ = split_model(model)
+    assert not split.frozen
+    batch = make_batch(examples(512), list(range(5)), 64)
+    assert_same(plain_and_grads(model, batch), fast_and_grads(model, batch))
+
+
+class ScaledLogits(nn.Module):
+    """An mlx-lm model whose logits are scaled after the head, as some architectures do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    @property
+    def layers(self):
+        return self.inner.layers
+
+    def __call__(self, inputs, cache=None):
+        return 2.0 * self.inner(inputs, cache=cache)
+
+
+def test_full_logits_when_head_does_not_split(tiny_qwen2):
+    model = ScaledLogits(adapted(tiny_qwen2))
+    split, problem = split_model(model)
+    assert split is None and "scale" in problem
+    said = []
+    make_loss(model, with_grad=True, say=said.append)
+    assert len(said) == 1 and "full logits" in said[0]
+    batch = make_batch(examples(512), list(range(5)), 64)
+    assert_same(plain_and_grads(model, batch), fast_and_grads(model, batch))
+
+
+def test_exp_matches_mlx_exp():
+    x = mx.linspace(-80.0, 0.0, 100_001)
+    got, want = chunked_ce._exp_cpu(x), mx.exp(x)
+    assert (mx.abs(got - want) / want).max().item() < 1e-5
