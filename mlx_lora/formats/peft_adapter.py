@@ -134,6 +134,8 @@ def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{config_path}: cannot read PEFT's adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; "
                         "mlx-lora imports LORA adapters only")
@@ -144,10 +146,11 @@ def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
     if config.get("bias", "none") != "none":
         raise UserError(f"{config_path}: bias is {config['bias']!r}; only 'none' is supported")
     if not weights_path.is_file():
-        pickles = " (adapter_model.bin is a pickle, which mlx-lora never loads; re-save it " \
-            "with save_pretrained(..., safe_serialization=True))" \
-            if (peft_dir / "adapter_model.bin").is_file() else ""
-        raise UserError(f"{peft_dir}: no {WEIGHTS_FILE}{pickles}")
+        hint = ""
+        if (peft_dir / "adapter_model.bin").is_file():
+            hint = (" (adapter_model.bin is a pickle, which mlx-lora never loads; re-save it "
+                    "with save_pretrained(..., safe_serialization=True))")
+        raise UserError(f"{peft_dir}: no {WEIGHTS_FILE}{hint}")
     try:
         raw = mx.load(str(weights_path))
     except (OSError, RuntimeError, ValueError) as e:
