@@ -74,6 +74,7 @@ MLX_LM_IGNORED_KEYS = (
 MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RUN_CONFIG_FILE = "config.yaml"  # the resolved configuration, in the adapter directory
 
 
 def read_config_file(path: str) -> dict[str, Any]:

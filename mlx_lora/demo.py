@@ -2,12 +2,13 @@
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.records import find_splits, read_records
+from mlx_lora.evaluate import evaluate
+from mlx_lora.fuse import fuse
 from mlx_lora.generation import complete, load_for_inference
 from mlx_lora.tiny import make_tiny_model
 from mlx_lora.train.run import train
@@ -21,6 +22,7 @@ SUBJECTS = ["the food", "the room", "the service", "the film", "the staff", "the
 TEMPLATES = ["{s} was {w}.", "honestly, {s} was {w}!", "I thought {s} was {w}.",
              "{s} felt {w} to me.", "what a {w} experience: {s}.", "my friends found {s} {w}."]
 INSTRUCTION = "Is this review positive or negative? "
+EVAL_RECORDS = 60  # held-out records whose greedy answers are scored
 
 
 def task_records(n: int, rng: random.Random) -> list[dict]:
@@ -45,15 +47,6 @@ def write_task(data_dir: Path, seed: int = 0) -> Path:
     return data_dir
 
 
-def accuracy(loaded, records) -> float:
-    """Fraction of records whose greedy completion starts with the reference completion."""
-    hits = 0
-    for record in records:
-        answer = complete(loaded, record.prompt, max_tokens=4).strip()
-        hits += answer.startswith(record.completion.strip())
-    return hits / max(len(records), 1)
-
-
 def say(text: str) -> None:
     """A demo line on stdout."""
     print(text, flush=True)
@@ -61,7 +54,7 @@ def say(text: str) -> None:
 
 def run_demo(output: str, model: str | None = None, data: str | None = None,
              iters: int | None = None) -> None:
-    """Build (or take) a model and data, fine-tune with QLoRA, and show what changed."""
+    """Build (or take) a model and data, fine-tune with QLoRA, evaluate, fuse and generate."""
     started = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,11 +64,11 @@ def run_demo(output: str, model: str | None = None, data: str | None = None,
         model = str(make_tiny_model(out / "base_model", vocab_size=384, hidden_size=64,
                                     num_layers=4, intermediate_size=256, texts=texts))
         say(f"built a tiny Llama-style model and tokenizer in {model}")
-    test_file = find_splits(str(data_dir)).get("test") or find_splits(str(data_dir)).get("valid")
-    test = [r for r in read_records(test_file) if r.kind == "completion"][:60]
+    splits = find_splits(str(data_dir))
+    held_out = splits.get("test") or splits.get("valid") or splits["train"]
 
     base = load_for_inference(model)
-    before = accuracy(base, test) if test else None
+    before = evaluate(base, held_out, mask_prompt=True, generate=EVAL_RECORDS)
     adapter_dir = out / "adapters"
     config = TrainConfig(model=model, data=str(data_dir), adapter_path=str(adapter_dir),
                          quantize=4, rank=8, alpha=16.0, batch_size=8, learning_rate=2e-3,
@@ -83,17 +76,26 @@ def run_demo(output: str, model: str | None = None, data: str | None = None,
                          save_every=50, mask_prompt=True, max_seq_length=128)
     say(f"fine-tuning with QLoRA (4-bit base, rank {config.rank}) for {config.iters} steps")
     train(config, overwrite=True)
+    after = evaluate(load_for_inference(model, str(adapter_dir)), held_out,
+                     mask_prompt=True, generate=EVAL_RECORDS)
+    fused_dir = out / "fused_model"
+    fuse(model, str(adapter_dir), str(fused_dir), overwrite=True)
 
-    tuned = load_for_inference(model, str(adapter_dir))
-    after = accuracy(tuned, test) if test else None
-    if test:
-        say(f"held-out accuracy on {len(test)} {test_file.name} records: "
-            f"before {before:.0%}, after {after:.0%}")
-        example = test[0].prompt
-        say(f"prompt: {example}")
-        say(f"  base model says:  {complete(base, example, max_tokens=8)!r}")
-        say(f"  fine-tuned says:  {complete(tuned, example, max_tokens=8)!r}")
-    say(f"adapters: {adapter_dir} (load with mlx_lm.load(model, adapter_path=...))")
-    say(f"metrics: {adapter_dir / 'metrics.jsonl'}")
+    say(f"held-out {held_out.name}: loss {before.loss:.3f} -> {after.loss:.3f}, exact-match "
+        f"accuracy on {after.generated} records {_percent(before.accuracy)} -> "
+        f"{_percent(after.accuracy)}")
+    prompt = next((r.prompt for r in read_records(held_out) if r.kind == "completion"), None)
+    if prompt:
+        fused = load_for_inference(str(fused_dir))
+        say(f"prompt: {prompt}")
+        say(f"  base model says:   {complete(base, prompt, max_tokens=8)!r}")
+        say(f"  fused model says:  {complete(fused, prompt, max_tokens=8)!r}")
+    say(f"adapters:    {adapter_dir} (mlx_lm.generate --model {model} --adapter-path "
+        f"{adapter_dir})")
+    say(f"fused model: {fused_dir} (mlx_lm.server --model {fused_dir})")
+    say(f"metrics:     {adapter_dir / 'metrics.jsonl'}, plot: {adapter_dir / 'loss.svg'}")
     say(f"demo finished in {time.perf_counter() - started:.0f}s")
-    sys.stdout.flush()
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"

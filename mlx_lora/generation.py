@@ -1,22 +1,16 @@
 """Text generation with a base model and optional adapters, through mlx-lm."""
 
-from pathlib import Path
-
 from mlx_lm import generate as mlx_lm_generate
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_lora.formats.mlx_lm_adapter import load_adapters
-from mlx_lora.load import LoadedModel, load_base
+from mlx_lora.formats.convert import load_adapted
+from mlx_lora.load import LoadedModel
 
 
 def load_for_inference(model: str, adapter_path: str | None = None,
                        trust_remote_code: bool = False) -> LoadedModel:
-    """The base model with the adapters of `adapter_path` (if any), in eval mode."""
-    loaded = load_base(model, trust_remote_code=trust_remote_code)
-    if adapter_path:
-        load_adapters(loaded.model, Path(adapter_path))
-    loaded.model.eval()
-    return loaded
+    """The base (as the adapter was trained on it) with the adapters of any format, in eval mode."""
+    return load_adapted(model, adapter_path, trust_remote_code)[0]
 
 
 def format_prompt(tokenizer, prompt: str, chat: bool) -> str:

@@ -59,14 +59,6 @@ def packed_plan(lengths: list[int], batch_size: int, width: int, seed: int,
     return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
 
 
-def eval_plan(lengths: list[int], indices: list[int], batch_size: int,
-              width: int) -> list[list[list[int]]]:
-    """The chosen examples packed as tightly as possible, in a fixed order."""
-    rows = first_fit(np.asarray(indices, np.int64), np.asarray(lengths), width)
-    per_batch = rows_per_batch([lengths[i] for i in indices], batch_size, width)
-    return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
-
-
 def make_packed_batch(examples: list[Example], rows: list[list[int]], width: int) -> Batch:
     """Rows of whole records, each record a segment of its own, padding at the row ends."""
     shape = (len(rows), width)

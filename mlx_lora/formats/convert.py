@@ -9,11 +9,11 @@ import yaml
 
 from mlx_lora import __version__
 from mlx_lora.adapters.inject import AdapterSpec, lora_scale
+from mlx_lora.config import RUN_CONFIG_FILE
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlx_lm_adapter, peft_adapter
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 from mlx_lora.load import LoadedModel, load_base
-from mlx_lora.train.run import CONFIG_FILE as RUN_CONFIG_FILE
 
 FORMATS = ("mlx-lm", "peft")
 

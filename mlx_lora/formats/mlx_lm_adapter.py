@@ -31,6 +31,7 @@ def adapter_config(model: nn.Module, spec: AdapterSpec, base_model: str) -> dict
             "rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys,
         },
         "model": base_model,
+        "model_type": getattr(model, "model_type", None),
         "alpha": spec.alpha,
         "rslora": spec.rslora,
         "target_paths": list(spec.paths),
@@ -110,7 +111,8 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
     expected = adapter_weights(model)
     for name, value in weights.items():
         if name not in expected:
-            raise UserError(f"{path}: tensor '{name}' matches no adapter parameter of this model")
+            raise UserError(f"{path}: tensor '{name}' matches no adapter parameter of this "
+                            "model; was the adapter trained on another base model?")
         if value.shape != expected[name].shape:
             raise UserError(
                 f"{path}: tensor '{name}' has shape {tuple(value.shape)} but the model needs "

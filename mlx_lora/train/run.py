@@ -10,7 +10,7 @@ import yaml
 
 from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
 from mlx_lora.blas import slow_blas_warning
-from mlx_lora.config import TrainConfig, to_dict
+from mlx_lora.config import RUN_CONFIG_FILE, TrainConfig, to_dict
 from mlx_lora.data.records import find_splits
 from mlx_lora.data.tokenize import load_split
 from mlx_lora.errors import UserError
@@ -25,8 +25,6 @@ from mlx_lora.train.recompute import checkpoint_blocks
 from mlx_lora.train.report import METRICS_FILE, append_metrics, read_metrics
 from mlx_lora.train.validation import BEST_DIR
 
-CONFIG_FILE = "config.yaml"
-
 
 def log(text: str) -> None:
     """A status line for the person at the terminal (stderr keeps stdout for results)."""
@@ -39,7 +37,7 @@ def check_adapter_dir(adapter_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: is not a directory; pick another --adapter-path")
-    ours = [adapter_dir / METRICS_FILE, adapter_dir / CONFIG_FILE, adapter_dir / CHECKPOINTS]
+    ours = [adapter_dir / METRICS_FILE, adapter_dir / RUN_CONFIG_FILE, adapter_dir / CHECKPOINTS]
     if any(p.exists() for p in ours) and not (resume or overwrite):
         raise UserError(
             f"{adapter_dir}: holds another run's files; pass --resume to continue it, "
@@ -83,7 +81,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     adapter_dir.mkdir(parents=True, exist_ok=True)
     if position.step == 0:
         _clear_previous_run(adapter_dir)
-    write_text_atomic(adapter_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
+    resolved = yaml.safe_dump(to_dict(config), sort_keys=False)
+    write_text_atomic(adapter_dir / RUN_CONFIG_FILE, resolved)
 
     log(f"training {steps} steps on {len(train_set)} examples "
         f"({len(valid_set)} for validation) into {adapter_dir}")

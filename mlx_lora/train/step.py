@@ -9,7 +9,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from mlx_lora.errors import UserError
 from mlx_lora.train.loss import make_loss
+from mlx_lora.train.packed_mask import packing_problem
 
 
 def make_grad_step(model: nn.Module, on_trace: Callable[[], None] | None = None) -> Callable:
@@ -37,7 +39,27 @@ def make_grad_step(model: nn.Module, on_trace: Callable[[], None] | None = None)
                                                         weights, inv_n)
         return sum_ce, n_tokens, grads
 
-    return grad_step
+    return _refuse_inexact_packing(model, grad_step)
+
+
+def _refuse_inexact_packing(model: nn.Module, step: Callable) -> Callable:
+    """step, refusing packed batches for a model where packing changes the loss.
+
+    A run resolves --pack against the model first (packed_mask.resolve_pack); this keeps any
+    other caller from training on a silently wrong loss.
+    """
+    problem = []  # checked on the first packed batch, outside the compiled step
+
+    def guarded(inputs, segments, *rest):
+        if segments is not None:
+            if not problem:
+                problem.append(packing_problem(model))
+            if problem[0]:
+                raise UserError(f"packing changes this model's loss ({problem[0]}); "
+                                "train with --no-pack")
+        return step(inputs, segments, *rest)
+
+    return guarded
 
 
 def _say(text: str) -> None:

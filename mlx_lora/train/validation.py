@@ -4,7 +4,6 @@ import mlx.core as mx
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import Batch, loss_positions, make_batch
-from mlx_lora.data.packing import eval_plan, make_packed_batch, packed_width, positions
 from mlx_lora.data.tokenize import Example
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.train.checkpoint import Position
@@ -21,16 +20,9 @@ def evaluate_loss(eval_step, examples: list[Example], config: TrainConfig) -> fl
     plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     if config.val_batches > 0:
         plan = plan[:config.val_batches]
-    if config.pack:  # the same records, packed: the same loss in fewer, fuller rows
-        sizes = positions(examples)
-        width = packed_width(sizes, config.max_seq_length)
-        rows = eval_plan(sizes, [i for indices in plan for i in indices], config.batch_size,
-                         width)
-        batches = (make_packed_batch(examples, batch_rows, width) for batch_rows in rows)
-    else:
-        batches = (make_batch(examples, indices, config.max_seq_length) for indices in plan)
     sum_ce, n_tokens = mx.array(0.0), mx.array(0.0)
-    for batch in batches:
+    for indices in plan:  # sorted by length, so padding is small without packing
+        batch = make_batch(examples, indices, config.max_seq_length)
         ce, n = eval_step(*batch_arrays(batch))
         sum_ce, n_tokens = sum_ce + ce, n_tokens + n
         mx.eval(sum_ce, n_tokens)
