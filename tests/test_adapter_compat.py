@@ -5,26 +5,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from helpers import make_adapter
 
-from mlx_lora.adapters.inject import inject, make_spec
-from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import export_adapter, load_any_adapter
-from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.load import load_base
 from mlx_lora.tiny import make_tiny_model
-
-
-def make_adapter(model_dir: Path, adapter_dir: Path, targets: str = "all-linear") -> Path:
-    mx.random.seed(0)
-    loaded = load_base(str(model_dir))
-    spec = make_spec(loaded.model, "lora", targets, -1, 4, 8.0, 0.0, False)
-    inject(loaded.model, spec)
-    for _, module in loaded.model.named_modules():
-        if isinstance(module, LoRALinear):
-            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.05
-    save_adapters(adapter_dir, loaded.model, spec, str(model_dir))
-    return adapter_dir
 
 
 @pytest.fixture(scope="module")

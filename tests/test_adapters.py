@@ -5,6 +5,7 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
+from helpers import randomize_lora_b
 from mlx.utils import tree_flatten
 
 from mlx_lora.adapters.inject import find_targets, inject, make_spec, parameter_counts
@@ -24,14 +25,6 @@ def adapted(path, quantize: int, targets: str = "all-linear", num_layers: int = 
                      dropout=0.0, rslora=False)
     inject(loaded.model, spec)
     return loaded, spec
-
-
-def randomize_lora_b(model, seed=1):
-    """Trained adapters have non-zero lora_b; give them some."""
-    mx.random.seed(seed)
-    for _, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
 
 
 @pytest.mark.parametrize("quantize", BASES.values(), ids=BASES.keys())

@@ -10,14 +10,12 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import make_adapter
 
-from mlx_lora.adapters.inject import inject, make_spec
-from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.cli import cli
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import export_adapter, load_adapted
-from mlx_lora.formats.mlx_lm_adapter import adapter_weights, save_adapters
-from mlx_lora.load import load_base
+from mlx_lora.formats.mlx_lm_adapter import adapter_weights
 
 IDS = [3, 17, 42, 99, 250, 7, 311, 64, 128, 5, 480, 21]
 TOLERANCE = 1e-4  # DESIGN.md's contract 5
@@ -28,20 +26,6 @@ def require(name: str):
     if os.environ.get("CI"):
         return importlib.import_module(name)
     return pytest.importorskip(name)
-
-
-def make_adapter(model_dir: Path, adapter_dir: Path, *, targets="all-linear", num_layers=-1,
-                 rank=4, alpha=8.0, rslora=False, seed=0) -> Path:
-    """Our adapter with random non-zero lora_b, saved as a training run saves it."""
-    mx.random.seed(seed)
-    loaded = load_base(str(model_dir))
-    spec = make_spec(loaded.model, "lora", targets, num_layers, rank, alpha, 0.0, rslora)
-    inject(loaded.model, spec)
-    for _, module in loaded.model.named_modules():
-        if isinstance(module, LoRALinear):
-            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.05
-    save_adapters(adapter_dir, loaded.model, spec, str(model_dir))
-    return adapter_dir
 
 
 def ours(model_dir: Path, adapter_dir: Path | None) -> np.ndarray:

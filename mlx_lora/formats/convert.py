@@ -106,21 +106,10 @@ def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
     config = mlx_lm_adapter.read_adapter_config(adapter_dir)
     source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
     weights = _read_weights(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"{source}: fine_tune_type {config['fine_tune_type']!r}; "
-                        "PEFT export takes lora only")
-    try:
-        params = config["lora_parameters"]
-        rank, scale = int(params["rank"]), float(params["scale"])
-        dropout = float(params.get("dropout", 0.0))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
-    alpha, rslora = float(config.get("alpha", scale * rank)), bool(config.get("rslora", False))
-    if abs(lora_scale(alpha, rank, rslora) - scale) > 1e-6 * max(1.0, abs(scale)):
-        alpha, rslora = scale * rank, False  # scale is what mlx-lm applies: it wins
+    hyper = mlx_lm_adapter.lora_hyper(config, source)
     paths = peft_adapter.paths_of(weights)
     peft_config = peft_adapter.peft_config(
-        paths, rank, alpha, rslora, dropout, config.get("model"),
+        paths, hyper.rank, hyper.alpha, hyper.rslora, hyper.dropout, config.get("model"),
         _num_blocks(paths, int(config.get("num_layers", -1))),
     )
     peft_adapter.save_peft(save_path, weights, peft_config)

@@ -1,6 +1,7 @@
 """mlx-lm's adapter directory: adapter_config.json + adapters.safetensors, read and written."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,8 +59,19 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
-    """Rebuild the AdapterSpec an adapter config describes, for this model."""
+@dataclass(frozen=True)
+class LoraHyper:
+    """The hyper-parameters an adapter config states."""
+
+    rank: int
+    alpha: float
+    scale: float
+    dropout: float
+    rslora: bool
+
+
+def lora_hyper(config: dict, source: str) -> LoraHyper:
+    """Rank, alpha, scale, dropout and rslora of an mlx-lm adapter config (LoRA only)."""
     method = config.get("fine_tune_type", "lora")
     if method != "lora":
         raise UserError(f"{source}: fine_tune_type '{method}' is not supported (only lora)")
@@ -69,17 +81,24 @@ def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec
         dropout = float(params.get("dropout", 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
-    if "target_paths" in config:
-        paths = list(config["target_paths"])
-    else:  # written by mlx-lm: keys relative to each of the last num_layers blocks
-        keys = params.get("keys")
-        targets = ",".join(keys) if keys else "all-linear"
-        paths = find_targets(model, targets, int(config.get("num_layers", -1)))
     alpha = float(config.get("alpha", scale * rank))
     rslora = bool(config.get("rslora", False))
     if abs(lora_scale(alpha, rank, rslora) - scale) > 1e-6 * max(1.0, abs(scale)):
         alpha, rslora = scale * rank, False  # scale is what mlx-lm reads: it wins
-    return AdapterSpec(method, tuple(paths), rank, alpha, scale, dropout, rslora, len(model.layers))
+    return LoraHyper(rank, alpha, scale, dropout, rslora)
+
+
+def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
+    """Rebuild the AdapterSpec an adapter config describes, for this model."""
+    hyper = lora_hyper(config, source)
+    if "target_paths" in config:
+        paths = list(config["target_paths"])
+    else:  # written by mlx-lm: keys relative to each of the last num_layers blocks
+        keys = config["lora_parameters"].get("keys")
+        targets = ",".join(keys) if keys else "all-linear"
+        paths = find_targets(model, targets, int(config.get("num_layers", -1)))
+    return AdapterSpec("lora", tuple(paths), hyper.rank, hyper.alpha, hyper.scale,
+                       hyper.dropout, hyper.rslora, len(model.layers))
 
 
 def load_adapters(model: nn.Module, adapter_dir: Path,
