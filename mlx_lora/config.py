@@ -40,8 +40,8 @@ class TrainConfig:
     batch_size: int = _opt(4, "Records per micro-batch.")
     pack: bool = _opt(
         True, "Pack records into rows of up to max-seq-length tokens, each record seeing only "
-        "itself (batch-size records per micro-batch on average); off, saying why, for a model "
-        "where packing would change the loss."
+        "itself (batch-size records per micro-batch on average); skipped, saying why, for a "
+        "model where packing would change the loss or data that padding fills as well."
     )
     grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer update (token-weighted).")
     iters: int = _opt(1000, "Optimizer updates to run (ignored when epochs is set).")

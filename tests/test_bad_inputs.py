@@ -227,7 +227,7 @@ def broken_adapter(trained: Path, tmp_path: Path, how: str) -> Path:
 ADAPTER_CASES = {
     "corrupt file": "cannot read adapter weights",
     "truncated safetensors": "cannot read adapter weights",
-    "no adapter_config.json": "no adapter_config.json",
+    "no adapter_config.json": "not an adapter directory; expected adapter_config.json",
     "tensor of the wrong shape": "has shape (3, 3)",
     "unknown method": "fine_tune_type 'xyz' is not supported",
 }

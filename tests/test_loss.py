@@ -16,9 +16,9 @@ from mlx_lora.train.loss import loss_sums, make_loss
 from mlx_lora.train.validation import batch_arrays
 
 
-def adapted(model_dir, targets="all-linear"):
+def adapted(model_dir, targets="all-linear", quantize=0):
     """The model with LoRA on `targets`, lora_b random so every adapter gets a gradient."""
-    model = load_base(str(model_dir)).model
+    model = load_base(str(model_dir), quantize=quantize).model
     inject(model, make_spec(model, "lora", targets, -1, 4, 8.0, 0.0, False))
     rng = np.random.default_rng(0)
     model.update(tree_unflatten([
@@ -81,6 +81,16 @@ def test_chunked_loss_and_grads_equal_plain(model_dir, monkeypatch):
     plain = plain_and_grads(model, batch)
     assert_same(plain, fast_and_grads(model, batch))
     assert_same(plain, fast_and_grads(model, batch, with_grad=False))  # the eval chunks
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_llama", "tiny_qwen2"], indirect=True)
+def test_quantized_head_goes_through_its_own_vjp(model_dir, monkeypatch):
+    monkeypatch.setattr(chunked_ce, "LOGITS_CHUNK_BYTES", 4 * 512 * 32)
+    model = adapted(model_dir, quantize=4)  # QLoRA: lm_head / embeddings are quantized
+    split, _ = split_model(model)
+    assert split.frozen and split.weight is None
+    batch = make_batch(examples(512), list(range(5)), 64)
+    assert_same(plain_and_grads(model, batch), fast_and_grads(model, batch))
 
 
 def test_trained_head_recomputes_chunks(tiny_llama):

@@ -13,8 +13,8 @@ from mlx_lora.data.packing import (
     make_packed_batch,
     packed_plan,
     packed_width,
+    padding_does_as_well,
     positions,
-    rows_per_batch,
 )
 from mlx_lora.data.tokenize import Example
 from mlx_lora.errors import UserError
@@ -37,13 +37,22 @@ def test_plan_packs_every_record_once_within_the_width():
     plan = packed_plan(lengths, batch_size=8, width=width, seed=3, epoch=1)
     assert sorted(i for batch in plan for row in batch for i in row) == list(range(500))
     assert all(sum(lengths[i] for i in row) <= width for batch in plan for row in batch)
-    per_batch = rows_per_batch(lengths, 8, width)
-    assert per_batch == round(8 * np.mean(lengths) / width)
-    assert all(len(batch) == per_batch for batch in plan[:-1])  # one shape but the last
+    assert len(plan) == 63  # ceil(500 / 8): as many micro-batches as padding makes
+    assert len({len(batch) for batch in plan}) == 2  # rows dealt out evenly: two shapes
     used = sum(lengths) / (width * sum(len(b) for b in plan))
     assert used > 0.93  # first-fit-decreasing leaves little padding
     assert plan == packed_plan(lengths, 8, width, seed=3, epoch=1)
     assert plan != packed_plan(lengths, 8, width, seed=3, epoch=2)
+
+
+def test_packing_is_skipped_where_padding_fills_as_well():
+    # Similar lengths: length-bucketed batches are nearly full, packed rows no fuller.
+    alike = np.random.default_rng(0).integers(180, 200, 400).tolist()
+    why = padding_does_as_well(alike, 8, 512, seed=0)
+    assert why is not None and "would fill" in why
+    # Mostly short records and a few long ones: packing fills rows padding leaves empty.
+    mixed = np.random.default_rng(0).choice([20, 40, 500], 400, p=[0.45, 0.45, 0.1]).tolist()
+    assert padding_does_as_well(mixed, 8, 512, seed=0) is None
 
 
 def test_first_fit_puts_the_longest_first():

@@ -1,17 +1,23 @@
 """Pack whole records side by side into rows of a fixed width, instead of padding each one.
 
-A packed micro-batch is `rows_per_batch` rows of `width` positions holding about
-`batch_size` records, so --batch-size keeps its meaning (records per update, on average)
-and every micro-batch has the same (rows, width) shape. Segment ids tell the attention mask
-which positions belong together (mlx_lora/train/packed_mask.py).
+An epoch's packed rows are dealt out evenly to as many micro-batches as padding would make
+(ceil(records / batch_size)), so a micro-batch holds batch_size records on average and
+--iters, --epochs and --batch-size mean what they mean without packing. Micro-batches have
+one width and two row counts at most: few shapes to compile. Segment ids tell the attention
+mask which positions belong together (mlx_lora/train/packed_mask.py).
+
+Packing is there to cut padding. Where length-bucketed padding already fills rows about as
+well, packing is skipped: attention runs over whole rows, so rows holding several records
+cost more attention per token (on CPU, where attention is dense, up to 2x the step time).
 """
 
 import numpy as np
 
-from mlx_lora.data.batching import Batch, round_up
+from mlx_lora.data.batching import Batch, batch_plan, round_up
 from mlx_lora.data.tokenize import Example
 
 PACK_WINDOW = 1024  # records packed together: bigger packs tighter, smaller keeps more randomness
+MIN_FILL_GAIN = 0.02  # pack only when rows are this much fuller (a fraction of all positions)
 
 
 def positions(examples: list[Example]) -> list[int]:
@@ -22,11 +28,6 @@ def positions(examples: list[Example]) -> list[int]:
 def packed_width(lengths: list[int], max_seq_length: int) -> int:
     """Row width: the longest record, or max_seq_length, rounded up to a multiple of 32."""
     return min(round_up(max(lengths)), round_up(max_seq_length))
-
-
-def rows_per_batch(lengths: list[int], batch_size: int, width: int) -> int:
-    """Rows per micro-batch so that it holds batch_size records of the mean length."""
-    return max(1, round(batch_size * float(np.mean(lengths)) / width))
 
 
 def first_fit(indices: np.ndarray, lengths: np.ndarray, width: int) -> list[list[int]]:
@@ -55,8 +56,24 @@ def packed_plan(lengths: list[int], batch_size: int, width: int, seed: int,
     for start in range(0, len(order), PACK_WINDOW):
         rows += first_fit(order[start : start + PACK_WINDOW], lengths, width)
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    per_batch = rows_per_batch(lengths.tolist(), batch_size, width)
-    return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+    n_batches = min(-(-len(lengths) // batch_size), len(rows))
+    bounds = np.linspace(0, len(rows), n_batches + 1).round().astype(int)
+    return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def padding_does_as_well(lengths: list[int], batch_size: int, max_seq_length: int,
+                          seed: int) -> str | None:
+    """Why packing would not pay for this data (a sentence), or None when it would."""
+    width = packed_width(lengths, max_seq_length)
+    cap = round_up(max_seq_length)
+    padded = sum(len(b) * min(round_up(max(lengths[i] for i in b)), cap)
+                 for b in batch_plan(lengths, batch_size, seed, 0))
+    packed = width * sum(len(b) for b in packed_plan(lengths, batch_size, width, seed, 0))
+    padded_fill, packed_fill = sum(lengths) / padded, sum(lengths) / packed
+    if packed_fill >= padded_fill + MIN_FILL_GAIN:
+        return None
+    return (f"length-bucketed batches already fill {padded_fill:.0%} of their positions and "
+            f"rows of {width} would fill {packed_fill:.0%}, while costing more attention")
 
 
 def make_packed_batch(examples: list[Example], rows: list[list[int]], width: int) -> Batch:

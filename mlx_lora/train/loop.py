@@ -1,6 +1,7 @@
 """The training loop: schedules updates, evaluations, saves and reports."""
 
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +14,13 @@ import mlx.optimizers as optim
 from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import Batch, batch_plan, make_batch, padding_fraction
-from mlx_lora.data.packing import make_packed_batch, packed_plan, packed_width, positions
+from mlx_lora.data.packing import (
+    make_packed_batch,
+    packed_plan,
+    packed_width,
+    padding_does_as_well,
+    positions,
+)
 from mlx_lora.data.tokenize import Example
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
@@ -55,14 +62,19 @@ def training_batches(examples: list[Example], config: TrainConfig,
     """(epoch, cursor after this batch, batch) forever, resuming at position.epoch/cursor."""
     sizes = positions(examples)
     width = packed_width(sizes, config.max_seq_length)
+    pack = config.pack
+    if pack and (why := padding_does_as_well(sizes, config.batch_size, config.max_seq_length,
+                                             config.seed)):
+        print(f"packing is off: {why}", file=sys.stderr, flush=True)
+        pack = False
     epoch, cursor = position.epoch, position.cursor
     while True:
-        if config.pack:
+        if pack:
             plan = packed_plan(sizes, config.batch_size, width, config.seed, epoch)
         else:
             plan = batch_plan(sizes, config.batch_size, config.seed, epoch)
         for index in range(cursor, len(plan)):
-            batch = (make_packed_batch(examples, plan[index], width) if config.pack
+            batch = (make_packed_batch(examples, plan[index], width) if pack
                      else make_batch(examples, plan[index], config.max_seq_length))
             yield epoch, index + 1, batch
         epoch, cursor = epoch + 1, 0

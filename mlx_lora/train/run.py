@@ -21,6 +21,7 @@ from mlx_lora.plot import plot_run
 from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, load_checkpoint
 from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import build_optimizer
+from mlx_lora.train.packed_mask import resolve_pack
 from mlx_lora.train.recompute import checkpoint_blocks
 from mlx_lora.train.report import METRICS_FILE, append_metrics, read_metrics
 from mlx_lora.train.validation import BEST_DIR
@@ -68,6 +69,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     spec = make_spec(model, config.fine_tune_type, config.targets, config.num_layers,
                      config.rank, config.alpha, config.dropout, config.rslora)
     inject(model, spec)
+    config = resolve_pack(config, model, log)
     if config.grad_checkpoint:
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
     trainable, total = parameter_counts(model)
