@@ -7,7 +7,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.errors import UserError
 from mlx_lora.train.loss import make_loss
@@ -84,14 +84,8 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
 
 def global_norm(grads) -> mx.array:
     """The L2 norm of all gradient tensors together."""
-    squares = [mx.sum(g.astype(mx.float32) ** 2) for g in _leaves(grads)]
+    squares = [mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)]
     return mx.sqrt(sum(squares))
-
-
-def _leaves(tree) -> list[mx.array]:
-    leaves = []
-    tree_map(leaves.append, tree)
-    return leaves
 
 
 def add_grads(total, grads):
