@@ -9,7 +9,6 @@ survives: ||saved - base - delta|| / ||delta|| <= tolerance.
 
 import os
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from mlx_lm.utils import dequantize_model, save_config, save_model
 
 from mlx_lora.adapters.inject import ADAPTERS
 from mlx_lora.adapters.lora import dequantized_weight
+from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import load_any_adapter, load_base_for
 from mlx_lora.quantize import quantize_base
@@ -196,24 +196,19 @@ def report(result: FuseResult, tolerance: float, n_tokens: int) -> None:
     for choice in result.layers:
         counts[choice.precision] = counts.get(choice.precision, 0) + 1
     kept = ", ".join(f"{n} at {p}" for p, n in counts.items())
-    log(f"fused {len(result.layers)} adapted layers: {kept}")
+    status(f"fused {len(result.layers)} adapted layers: {kept}")
     naive = sorted(c.base_bits_error for c in result.layers if c.base_bits_error is not None)
     if naive:
         worst = max(c.error for c in result.layers)
-        log(f"relative error of the saved updates: at most {worst:.3g} (tolerance "
+        status(f"relative error of the saved updates: at most {worst:.3g} (tolerance "
             f"{tolerance:g}); re-quantizing them all at the base's bits, as mlx_lm.fuse "
             f"does, would miss them by {naive[len(naive) // 2]:.0%} (median)")
-    log(f"max |logit diff| fused vs base+adapter on {n_tokens} tokens: "
+    status(f"max |logit diff| fused vs base+adapter on {n_tokens} tokens: "
         f"{result.max_logit_diff:.3g} (the adapter itself moves them by up to "
         f"{result.adapter_effect:.3g})")
     if result.max_logit_diff > result.bound:
         hint = "; --dequantize keeps the update exactly" if naive else ""
-        log(f"warning: that is more than {tolerance:g} of the adapter's effect{hint}")
-
-
-def log(text: str) -> None:
-    """A status line on stderr."""
-    print(text, file=sys.stderr, flush=True)
+        status(f"warning: that is more than {tolerance:g} of the adapter's effect{hint}")
 
 
 def _check_save_path(save_path: Path, protected: list[Path], overwrite: bool) -> None:

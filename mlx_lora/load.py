@@ -1,7 +1,6 @@
 """Load a frozen base model (Hub id or local dir) through mlx-lm, fixing what it misreads."""
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 from safetensors import safe_open
 
+from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.quantize import is_quantized, quantize_base
 
@@ -168,9 +168,8 @@ def load_base(
     if quantization is not None:
         quantization = {"mode": "affine", **config.get("quantization", quantization)}
         if quantize:
-            print(f"note: {model} is already quantized at {quantization['bits']} bits "
-                  f"(group size {quantization['group_size']}); keeping it as it is",
-                  file=sys.stderr)
+            status(f"note: {model} is already quantized at {quantization['bits']} bits "
+                   f"(group size {quantization['group_size']}); keeping it as it is")
     elif quantize:
         quantization = quantize_base(net, quantize, group_size)
         # Recorded as mlx-lm's save_config would, so a saved copy reloads the same layers.

@@ -1,9 +1,9 @@
 """QLoRA: quantize a frozen base's linear and embedding layers; what no group fits stays float."""
 
-import sys
 
 import mlx.nn as nn
 
+from mlx_lora.console import status
 from mlx_lora.errors import UserError
 
 
@@ -44,7 +44,7 @@ def quantize_base(model: nn.Module, bits: int, group_size: int) -> dict:
             f"cannot quantize to {bits} bits with group size {group_size}: {e}"
         ) from None
     model.freeze()
-    print(_summary(len(quantized), too_narrow, len(excluded), bits, group_size), file=sys.stderr)
+    status(_summary(len(quantized), too_narrow, len(excluded), bits, group_size))
     return {"group_size": group_size, "bits": bits, "mode": "affine", **per_path}
 
 

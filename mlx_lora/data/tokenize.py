@@ -1,11 +1,11 @@
 """Records to fixed-length-bounded examples: token ids and loss flags, truncated or chunked."""
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mlx_lora.console import status
 from mlx_lora.data.records import (
     Record,
     check_chat_template,
@@ -86,11 +86,8 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
     check_chat_template(records, tokenizer, path)
     examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
     if stats.n_truncated:
-        print(
-            f"warning: {stats.n_truncated} of {stats.n_records} records in {path.name} were "
-            f"longer than --max-seq-length {max_seq_length} and were truncated",
-            file=sys.stderr,
-        )
+        status(f"warning: {stats.n_truncated} of {stats.n_records} records in {path.name} "
+               f"were longer than --max-seq-length {max_seq_length} and were truncated")
     if not examples:
         hint = " within --max-seq-length" if stats.n_truncated else ""
         raise UserError(
@@ -99,9 +96,6 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                if mask_prompt else "")
         )
     if stats.n_dropped:
-        print(
-            f"warning: {stats.n_dropped} sequences from {path.name} had no token to train on "
-            "and were skipped",
-            file=sys.stderr,
-        )
+        status(f"warning: {stats.n_dropped} sequences from {path.name} had no token to "
+               "train on and were skipped")
     return examples

@@ -1,6 +1,5 @@
 """Adapter directories of either format, mlx-lm's or PEFT's: tell them apart, load, convert."""
 
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,6 +9,7 @@ import yaml
 from mlx_lora import __version__
 from mlx_lora.adapters.inject import AdapterSpec, lora_scale
 from mlx_lora.config import RUN_CONFIG_FILE
+from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlx_lm_adapter, peft_adapter
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
@@ -68,8 +68,8 @@ def load_base_for(model: str, adapter_path: str | None,
     quantization = trained_quantization(adapter_path) if adapter_path else None
     bits, group_size = quantization or (0, 64)
     if quantization:
-        print(f"{adapter_path} was trained on a {bits}-bit base (QLoRA, group size "
-              f"{group_size}): loading {model} the same way", file=sys.stderr)
+        status(f"{adapter_path} was trained on a {bits}-bit base (QLoRA, group size "
+               f"{group_size}): loading {model} the same way")
     return load_base(model, quantize=bits, group_size=group_size,
                      trust_remote_code=trust_remote_code)
 
@@ -93,8 +93,8 @@ def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
         raise UserError(f"{adapter_dir} is already in {fmt} format")
     if fmt == "peft":
         if quantization := trained_quantization(adapter_dir):
-            print(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base (QLoRA); "
-                  "PEFT adds it to whatever base it is loaded onto", file=sys.stderr)
+            status(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base (QLoRA); "
+                   "PEFT adds it to whatever base it is loaded onto")
         mlx_lm_to_peft(adapter_dir, save_path)
     else:
         peft_to_mlx_lm(adapter_dir, save_path)

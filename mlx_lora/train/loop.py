@@ -1,7 +1,6 @@
 """The training loop: schedules updates, evaluations, saves and reports."""
 
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import mlx.optimizers as optim
 
 from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.config import TrainConfig
+from mlx_lora.console import status
 from mlx_lora.data.batching import Batch, batch_plan, make_batch, padding_fraction
 from mlx_lora.data.packing import (
     make_packed_batch,
@@ -65,7 +65,7 @@ def training_batches(examples: list[Example], config: TrainConfig,
     pack = config.pack
     if pack and (why := padding_does_as_well(sizes, config.batch_size, config.max_seq_length,
                                              config.seed)):
-        print(f"packing is off: {why}", file=sys.stderr, flush=True)
+        status(f"packing is off: {why}")
         pack = False
     epoch, cursor = position.epoch, position.cursor
     while True:

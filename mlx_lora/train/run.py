@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +10,7 @@ import yaml
 from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
 from mlx_lora.blas import slow_blas_warning
 from mlx_lora.config import RUN_CONFIG_FILE, TrainConfig, to_dict
+from mlx_lora.console import status
 from mlx_lora.data.records import find_splits
 from mlx_lora.data.tokenize import load_split
 from mlx_lora.errors import UserError
@@ -25,11 +25,6 @@ from mlx_lora.train.packed_mask import resolve_pack
 from mlx_lora.train.recompute import checkpoint_blocks
 from mlx_lora.train.report import METRICS_FILE, append_metrics, read_metrics
 from mlx_lora.train.validation import BEST_DIR
-
-
-def log(text: str) -> None:
-    """A status line for the person at the terminal (stderr keeps stdout for results)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def check_adapter_dir(adapter_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -51,7 +46,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     adapter_dir = Path(config.adapter_path)
     check_adapter_dir(adapter_dir, resume, overwrite)
     if warning := slow_blas_warning():
-        log(warning)
+        status(warning)
     loaded = load_base(config.model, quantize=config.quantize, group_size=config.group_size,
                        trust_remote_code=config.trust_remote_code)
     splits = find_splits(config.data)
@@ -69,11 +64,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     spec = make_spec(model, config.fine_tune_type, config.targets, config.num_layers,
                      config.rank, config.alpha, config.dropout, config.rslora)
     inject(model, spec)
-    config = resolve_pack(config, model, log)
+    config = resolve_pack(config, model, status)
     if config.grad_checkpoint:
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
     trainable, total = parameter_counts(model)
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) "
+    status(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) "
         f"in {len(spec.paths)} adapted layers")
 
     steps = total_steps(config, len(train_set))
@@ -86,18 +81,18 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     resolved = yaml.safe_dump(to_dict(config), sort_keys=False)
     write_text_atomic(adapter_dir / RUN_CONFIG_FILE, resolved)
 
-    log(f"training {steps} steps on {len(train_set)} examples "
+    status(f"training {steps} steps on {len(train_set)} examples "
         f"({len(valid_set)} for validation) into {adapter_dir}")
     trainee = Trainee(model, spec, config.model, adapter_dir)
     position = fit(trainee, optimizer, config, train_set, valid_set, position)
     save_adapters(adapter_dir, model, spec, config.model)
     append_metrics(adapter_dir, _done_record(adapter_dir, position))
     plot = plot_run(adapter_dir)
-    log(f"done: the last adapters (step {position.step}) are in {adapter_dir}")
+    status(f"done: the last adapters (step {position.step}) are in {adapter_dir}")
     if valid_set and config.keep_best:
-        log(f"the best adapters (validation loss {position.best_val_loss:.4f} at step "
+        status(f"the best adapters (validation loss {position.best_val_loss:.4f} at step "
             f"{position.best_step}) are in {adapter_dir / BEST_DIR}")
-    log(f"loss plot: {plot}")
+    status(f"loss plot: {plot}")
     return adapter_dir
 
 
@@ -113,11 +108,11 @@ def _start_position(adapter_dir: Path, model, optimizer, resume: bool) -> Positi
         return Position()
     checkpoints = list_checkpoints(adapter_dir)
     if not checkpoints:
-        log(f"no checkpoint in {adapter_dir}/checkpoints: starting from step 0")
+        status(f"no checkpoint in {adapter_dir}/checkpoints: starting from step 0")
         return Position()
     position = load_checkpoint(checkpoints[-1], model, optimizer)
     _truncate_metrics(adapter_dir, position.step)
-    log(f"resuming from {checkpoints[-1]} (step {position.step})")
+    status(f"resuming from {checkpoints[-1]} (step {position.step})")
     return position
 
 

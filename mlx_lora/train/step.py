@@ -1,6 +1,5 @@
 """The compiled pieces of a training update: gradients of a micro-batch, and the Adam update."""
 
-import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -9,6 +8,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.train.loss import make_loss
 from mlx_lora.train.packed_mask import packing_problem
@@ -22,7 +22,7 @@ def make_grad_step(model: nn.Module, on_trace: Callable[[], None] | None = None)
     over all of them. The arrays are those of `loss.make_loss`. on_trace is called each time
     the step is traced, that is compiled: once per distinct shape of its arguments.
     """
-    loss = make_loss(model, with_grad=True, say=_say)
+    loss = make_loss(model, with_grad=True, say=status)
 
     def scaled_loss(inputs, segments, positions, targets, weights, inv_n):
         sum_ce, n_tokens = loss(inputs, segments, positions, targets, weights)
@@ -60,10 +60,6 @@ def _refuse_inexact_packing(model: nn.Module, step: Callable) -> Callable:
         return step(inputs, segments, *rest)
 
     return guarded
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float) -> Callable:
