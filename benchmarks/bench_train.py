@@ -145,7 +145,7 @@ def qwen_shaped_model(path: Path) -> Path:
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from mlx_lora.tiny import make_tiny_model
+    from mlx_lora.demo.tiny import make_tiny_model
 
     make_tiny_model(path, arch="qwen2", hidden_size=512, num_layers=8, num_heads=8,
                     num_kv_heads=4, intermediate_size=1536, tie_word_embeddings=True,
@@ -247,7 +247,7 @@ def run_mlx_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict
     import mlx_lm
 
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train.report import read_metrics
+    from mlx_lora.formats.metrics import read_metrics
     from mlx_lora.train.run import train
 
     config = TrainConfig(model=job.model, data=job.data, adapter_path=str(out_dir),

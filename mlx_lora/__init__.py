@@ -1,3 +1,15 @@
-"""mlx_lora: LoRA and QLoRA fine-tuning on MLX, with adapters mlx-lm and PEFT load."""
+"""mlx_lora: fine-tune language models on MLX, with adapters mlx-lm and PEFT load."""
+
+from mlx_lora.errors import UserError
 
 __version__ = "0.1.0"
+__all__ = ["Finetune", "UserError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Finetune pulls in MLX and mlx-lm: imported on first use, so `mlx-lora --help` stays fast.
+    if name == "Finetune":
+        from mlx_lora.api import Finetune
+
+        return Finetune
+    raise AttributeError(f"module 'mlx_lora' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The training configuration: the only home of defaults, read from a YAML/JSON file and flags."""
+"""Every command's options and their defaults, stated once; the training config's file and flags."""
 
 import dataclasses
 import json
@@ -25,7 +25,7 @@ class TrainConfig:
     quantize: int = _opt(0, "Quantize the frozen base to 4 or 8 bits on load (QLoRA); 0 = no.")
     group_size: int = _opt(64, "Quantization group size.")
     trust_remote_code: bool = _opt(False, "Allow a model's own Python code to run on load.")
-    fine_tune_type: str = _opt("lora", "Adapter method: lora.", choices=("lora",))
+    fine_tune_type: str = _opt("lora", "Adapter method.", choices=("lora",))
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
@@ -74,7 +74,47 @@ MLX_LM_IGNORED_KEYS = (
 MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-RUN_CONFIG_FILE = "config.yaml"  # the resolved configuration, in the adapter directory
+DEFAULTS = TrainConfig()
+
+
+def _same(name: str):
+    """A field that means what TrainConfig's field of that name means, with its default."""
+    return _opt(FIELDS[name].default, FIELDS[name].metadata["help"])
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`mlx-lora generate` and the API's generate(): how to sample."""
+
+    max_tokens: int = _opt(100, "Tokens to generate.")
+    temp: float = _opt(0.0, "Sampling temperature; 0 = greedy.")
+    chat: bool = _opt(True, "Wrap the prompt in the tokenizer's chat template when it has one.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`mlx-lora eval` and the API's evaluate(): what to measure."""
+
+    split: str = _opt("test", "Which split of --data.")
+    generate: int = _opt(0, "Exact-match accuracy of greedy generations on the first N prompt/"
+                            "completion or chat records; -1 = all, 0 = none.")
+    max_seq_length: int = _same("max_seq_length")
+    batch_size: int = _opt(FIELDS["batch_size"].default, "Records per batch for the loss.")
+    mask_prompt: bool = _same("mask_prompt")
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """`mlx-lora fuse`: the fused model's location and precision."""
+
+    save_path: str = _opt("fused_model", "Directory for the fused model.")
+    dequantize: bool = _opt(False, "Write a float model (transformers loads it too).")
+    quantize: int = _opt(0, "Re-quantize every layer to this many bits; 0 = keep the base's "
+                            "precision.")
+    group_size: int = _same("group_size")
+    delta_tolerance: float = _opt(
+        0.1, "Keep an adapted layer of a quantized base at its bits only if its update survives "
+             "within this relative error; else 8 bits, else float.")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -8,16 +8,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
 
-from mlx_lora.config import TrainConfig
-from mlx_lora.data.records import Record, find_splits, read_records
+from mlx_lora.config import DEFAULTS, EvalConfig
+from mlx_lora.data.records import Record, read_records
 from mlx_lora.data.template import render
-from mlx_lora.data.tokenize import Example, load_split
+from mlx_lora.data.tokenize import Example, to_examples
 from mlx_lora.errors import UserError
-from mlx_lora.load import LoadedModel
+from mlx_lora.model.load import LoadedModel
+from mlx_lora.model.probe import probe_model
+from mlx_lora.objectives.sft import SFT
 from mlx_lora.train.step import make_eval_step
 from mlx_lora.train.validation import evaluate_loss
 
 EXTRA_TOKENS = 8  # generated past the reference's length: enough to see it does not stop there
+EVAL = EvalConfig()
 
 
 @dataclass(frozen=True)
@@ -40,26 +43,17 @@ class EvalResult:
         return fields
 
 
-def split_file(data: str, split: str) -> Path:
-    """The file of `split` in a data directory, or the one data file given."""
-    if Path(data).is_file():
-        return Path(data)
-    splits = find_splits(data)
-    if split not in splits:
-        raise UserError(f"{data}: no {split}.jsonl (it has: {', '.join(sorted(splits))}); "
-                        "pick one with --split")
-    return splits[split]
-
-
 def mean_loss(model: nn.Module, examples: list[Example], batch_size: int,
               max_seq_length: int) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over every target token of the examples, and their count.
 
     Through the training run's own validation loss, so eval and training agree by construction.
     """
-    config = replace(TrainConfig(), batch_size=batch_size, max_seq_length=max_seq_length,
+    config = replace(DEFAULTS, batch_size=batch_size, max_seq_length=max_seq_length,
                      val_batches=-1)
-    loss = evaluate_loss(make_eval_step(model), examples, config)
+    split = probe_model(model, packing=False).split
+    eval_step = make_eval_step(model, SFT.make_loss(model, split, with_grad=False))
+    loss = evaluate_loss(SFT, eval_step, examples, config)
     # The first token of a sequence is never a target: nothing precedes it.
     n_tokens = sum(int(e.mask[1:].sum()) for e in examples)
     return loss, n_tokens
@@ -112,20 +106,29 @@ def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def evaluate(loaded: LoadedModel, data_file: Path, *, split: str = "test", batch_size: int = 4,
-             max_seq_length: int = 2048, mask_prompt: bool = False,
-             generate: int = 0) -> EvalResult:
+def evaluate(loaded: LoadedModel, data_file: Path, *, split: str = EVAL.split,
+             batch_size: int = EVAL.batch_size, max_seq_length: int = EVAL.max_seq_length,
+             mask_prompt: bool = EVAL.mask_prompt, generate: int = EVAL.generate) -> EvalResult:
     """Loss and perplexity over all of `data_file`, and accuracy over `generate` records."""
+    data_file = Path(data_file)
+    return evaluate_records(loaded, read_records(data_file), str(data_file), split=split,
+                            batch_size=batch_size, max_seq_length=max_seq_length,
+                            mask_prompt=mask_prompt, generate=generate)
+
+
+def evaluate_records(loaded: LoadedModel, records: list[Record], name: str, *, split: str,
+                     batch_size: int, max_seq_length: int, mask_prompt: bool,
+                     generate: int) -> EvalResult:
+    """evaluate() over records already read; `name` says where they came from in messages."""
     model, tokenizer = loaded.model, loaded.tokenizer
     model.eval()
-    examples = load_split(data_file, tokenizer, max_seq_length, mask_prompt)
+    examples = to_examples(records, tokenizer, max_seq_length, mask_prompt, Path(name).name)
     loss, n_tokens = mean_loss(model, examples, batch_size, max_seq_length)
-    records = read_records(data_file)
     accuracy, generated = None, 0
     if generate:
         matches, generated = exact_matches(model, tokenizer, records, generate)
         if generated == 0:
-            raise UserError(f"{data_file}: --generate needs prompt/completion or chat records; "
+            raise UserError(f"{name}: --generate needs prompt/completion or chat records; "
                             "plain text has no reference answer")
         accuracy = matches / generated
     perplexity = math.exp(loss) if loss < 700 else math.inf

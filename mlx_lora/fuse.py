@@ -18,14 +18,16 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, save_config, save_model
 
-from mlx_lora.adapters.inject import ADAPTERS
+from mlx_lora.adapters.inject import adapter_layers
 from mlx_lora.adapters.lora import dequantized_weight
+from mlx_lora.config import FuseConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
-from mlx_lora.formats.convert import load_any_adapter, load_base_for
-from mlx_lora.quantize import quantize_base
+from mlx_lora.formats.convert import load_any_adapter
+from mlx_lora.model.adapted import load_base_for
+from mlx_lora.model.quantize import quantize_base
 
-DELTA_TOLERANCE = 0.1
+FUSE = FuseConfig()
 PROBE_TEXT = "Once upon a time, the quick brown fox jumped over the lazy dog. 1 2 3"
 PROBE_TOKENS = 16
 # What mlx_lm.load and transformers read besides the weights and config.json (a model's
@@ -71,6 +73,12 @@ def _float_linear(weight: mx.array, like: nn.Module) -> nn.Linear:
     return linear
 
 
+def fused_linear(adapter) -> nn.Linear:
+    """A float nn.Linear equal to base + adapter, in the base's compute dtype."""
+    dtype = dequantized_weight(adapter.linear).dtype
+    return _float_linear(adapter.fused_weight().astype(dtype), adapter.linear)
+
+
 def fold_quantized(path: str, adapter, tolerance: float) -> tuple[nn.Module, LayerChoice, object]:
     """The adapted quantized layer at the first precision keeping its update, and its config entry.
 
@@ -78,13 +86,14 @@ def fold_quantized(path: str, adapter, tolerance: float) -> tuple[nn.Module, Lay
     rebuild the layer: None (the base's default), a {group_size, bits, mode} dict, or False.
     """
     base = adapter.linear
-    delta = adapter.delta()
-    if not mx.any(delta).item():  # nothing to fold: the base layer stays bit for bit
-        return base, LayerChoice(path, f"{base.bits}-bit", 0.0, 0.0), None
     w0 = dequantized_weight(base)
     dtype = w0.dtype
     w0 = w0.astype(mx.float32)
-    target = _float_linear((w0 + delta).astype(dtype), base)
+    fused = adapter.fused_weight()
+    delta = fused - w0
+    if not mx.any(delta).item():  # nothing to fold: the base layer stays bit for bit
+        return base, LayerChoice(path, f"{base.bits}-bit", 0.0, 0.0), None
+    target = _float_linear(fused.astype(dtype), base)
     candidates = [(base.bits, base.group_size, base.mode)]
     if base.bits < 8:
         candidates.append((8, base.group_size, "affine"))
@@ -115,19 +124,16 @@ def fold(model: nn.Module, tolerance: float,
 
     keep_quantized: quantized bases stay quantized where the update survives (else float).
     """
-    adapter_types = tuple(ADAPTERS.values())
     swapped, choices, entries = [], [], {}
-    for path, module in model.named_modules():
-        if not isinstance(module, adapter_types):
-            continue
+    for path, module in adapter_layers(model):
         if keep_quantized and isinstance(module.linear, nn.QuantizedLinear):
             layer, choice, entry = fold_quantized(path, module, tolerance)
             if entry is not None:
                 entries[path] = entry
         else:
-            layer = module.fuse()
+            layer = fused_linear(module)
             w0 = dequantized_weight(module.linear).astype(mx.float32)
-            error = relative_error(layer.weight, w0, module.delta())
+            error = relative_error(layer.weight, w0, module.fused_weight() - w0)
             choice = LayerChoice(path, _dtype_name(layer.weight.dtype), error, None)
         swapped.append((path, layer))
         choices.append(choice)
@@ -158,8 +164,9 @@ def probe_logits(model: nn.Module, ids: list[int]) -> mx.array:
     return logits[0]
 
 
-def fuse(model: str, adapter_path: str, save_path: str, *, dequantize: bool = False,
-         quantize: int = 0, group_size: int = 64, tolerance: float = DELTA_TOLERANCE,
+def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
+         dequantize: bool = FUSE.dequantize, quantize: int = FUSE.quantize,
+         group_size: int = FUSE.group_size, tolerance: float = FUSE.delta_tolerance,
          overwrite: bool = False, trust_remote_code: bool = False) -> FuseResult:
     """Fuse `adapter_path` into `model` and write the result to `save_path`."""
     if dequantize and quantize:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import write_text_atomic
-from mlx_lora.train.report import METRICS_FILE, read_metrics
+from mlx_lora.formats.metrics import METRICS_FILE, read_metrics
 
 PLOT_FILE = "loss.svg"
 WIDTH, HEIGHT, MARGIN = 720, 420, 60

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from mlx_lora.tiny import make_tiny_model
+from mlx_lora.demo.tiny import make_tiny_model
 
 
 @click.command(context_settings={"show_default": True})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.tiny import make_tiny_model
+from mlx_lora.demo.tiny import make_tiny_model
 
 # CI checks out ../shared beside the repository.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

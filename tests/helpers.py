@@ -6,8 +6,9 @@ import mlx.core as mx
 
 from mlx_lora.adapters.inject import inject, make_spec
 from mlx_lora.adapters.lora import LoRALinear
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
-from mlx_lora.load import load_base
+from mlx_lora.model.load import load_base
 
 
 def randomize_lora_b(model, seed: int = 1, std: float = 0.05) -> None:
@@ -23,7 +24,8 @@ def make_adapter(model_dir: Path, adapter_dir: Path, *, targets="all-linear", nu
     """Our adapter with random non-zero lora_b, saved as a training run saves it."""
     mx.random.seed(seed)
     loaded = load_base(str(model_dir))
-    spec = make_spec(loaded.model, "lora", targets, num_layers, rank, alpha, 0.0, rslora)
+    spec = make_spec(loaded.model, "lora", targets, num_layers,
+                     Hyper(rank, alpha, 0.0, rslora))
     inject(loaded.model, spec)
     randomize_lora_b(loaded.model, seed + 1)
     save_adapters(adapter_dir, loaded.model, spec, str(model_dir))

@@ -7,10 +7,10 @@ import mlx.core as mx
 import pytest
 from helpers import make_adapter
 
+from mlx_lora.demo.tiny import make_tiny_model
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import export_adapter, load_any_adapter
-from mlx_lora.load import load_base
-from mlx_lora.tiny import make_tiny_model
+from mlx_lora.model.load import load_base
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ from mlx.utils import tree_flatten
 
 from mlx_lora.adapters.inject import find_targets, inject, make_spec, parameter_counts
 from mlx_lora.adapters.lora import LoRALinear
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import load_adapters, save_adapters
-from mlx_lora.load import load_base
+from mlx_lora.fuse import fused_linear
+from mlx_lora.model.load import load_base
 
 BASES = {"float": 0, "4-bit": 4}
 TOKENS = mx.array([[1, 5, 9, 33, 70, 2, 8, 100, 41, 7]])
@@ -21,8 +23,7 @@ TOKENS = mx.array([[1, 5, 9, 33, 70, 2, 8, 100, 41, 7]])
 def adapted(path, quantize: int, targets: str = "all-linear", num_layers: int = -1, seed=0):
     loaded = load_base(str(path), quantize=quantize)
     mx.random.seed(seed)
-    spec = make_spec(loaded.model, "lora", targets, num_layers, rank=4, alpha=8.0,
-                     dropout=0.0, rslora=False)
+    spec = make_spec(loaded.model, "lora", targets, num_layers, Hyper(rank=4, alpha=8.0))
     inject(loaded.model, spec)
     return loaded, spec
 
@@ -77,10 +78,10 @@ def test_save_then_load_is_exact(tiny_llama, tmp_path, quantize):
 
 def test_fused_layer_equals_adapted_layer():
     base = nn.Linear(64, 32)
-    layer = LoRALinear.from_base(base, rank=4, scale=2.0)
+    layer = LoRALinear.from_base(base, Hyper(rank=4, alpha=8.0))
     layer.lora_b = mx.random.normal(layer.lora_b.shape)
     x = mx.random.normal((3, 64))
-    np.testing.assert_allclose(np.array(layer.fuse()(x)), np.array(layer(x)), atol=1e-5)
+    np.testing.assert_allclose(np.array(fused_linear(layer)(x)), np.array(layer(x)), atol=1e-5)
 
 
 def test_targets_by_name_regex_all_linear_and_num_layers(tiny_llama):
@@ -108,13 +109,12 @@ def test_bad_targets_say_what_exists(tiny_llama, targets, message):
 
 def test_rank_larger_than_layer_is_refused(tiny_llama):
     model = load_base(str(tiny_llama)).model
-    spec = make_spec(model, "lora", "q_proj", -1, rank=4096, alpha=16.0, dropout=0.0,
-                     rslora=False)
+    spec = make_spec(model, "lora", "q_proj", -1, Hyper(rank=4096, alpha=16.0))
     with pytest.raises(UserError, match="rank 4096 is larger than layer"):
         inject(model, spec)
 
 
 def test_rslora_scale(tiny_llama):
     model = load_base(str(tiny_llama)).model
-    spec = make_spec(model, "lora", "q_proj", -1, rank=16, alpha=8.0, dropout=0.0, rslora=True)
-    assert spec.scale == pytest.approx(8.0 / 4.0)
+    spec = make_spec(model, "lora", "q_proj", -1, Hyper(rank=16, alpha=8.0, rslora=True))
+    assert spec.hyper.scale == pytest.approx(8.0 / 4.0)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_lora.cli import cli
-from mlx_lora.tiny import make_tiny_model
+from mlx_lora.demo.tiny import make_tiny_model
 
 GOOD = '{"prompt": "Say hi.", "completion": "hi"}\n'
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
-PROBE = "from mlx_lora.blas import slow_blas_warning; print(slow_blas_warning())"
+PROBE = "from mlx_lora.model.blas import slow_blas_warning; print(slow_blas_warning())"
 
 
 def probe(preload: str | None) -> str:

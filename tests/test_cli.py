@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig
 from mlx_lora.formats.mlx_lm_adapter import load_adapters
-from mlx_lora.load import load_base
+from mlx_lora.model.load import load_base
 
 CHAT = [
     {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},

@@ -7,11 +7,11 @@ from test_loss import adapted
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import POSITION_MULTIPLE
+from mlx_lora.data.stream import training_batches
 from mlx_lora.data.tokenize import Example
-from mlx_lora.train.checkpoint import Position
-from mlx_lora.train.loop import training_batches
+from mlx_lora.model.head import split_model
+from mlx_lora.objectives.sft import batch_arrays, make_loss
 from mlx_lora.train.step import make_grad_step
-from mlx_lora.train.validation import batch_arrays
 
 
 def chat_like(n: int, seed: int = 0) -> list[Example]:
@@ -34,10 +34,11 @@ def shape_key(arrays) -> tuple:
 def test_compiles_once_per_shape_and_few_times(tiny_llama, pack):
     model = adapted(tiny_llama)
     traces = []
-    grad_step = make_grad_step(model, on_trace=lambda: traces.append(1))
+    loss = make_loss(model, split_model(model)[0], with_grad=True)
+    grad_step = make_grad_step(model, loss, on_trace=lambda: traces.append(1))
     config = TrainConfig(batch_size=4, max_seq_length=128, pack=pack)
     records = chat_like(120)
-    batches = training_batches(records, config, Position())
+    batches = training_batches(records, config, pack)
     shapes = set()
     for _ in range(60):  # two epochs
         _, _, batch = next(batches)

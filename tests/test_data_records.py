@@ -7,10 +7,10 @@ import pytest
 from mlx_lora.data.records import (
     Record,
     check_chat_template,
-    find_splits,
     from_plain_text,
     read_records,
 )
+from mlx_lora.data.sources import find_splits
 from mlx_lora.errors import UserError
 
 USER = {"role": "user", "content": "Hi"}

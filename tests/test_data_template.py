@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from mlx_lora.data.records import Record
 from mlx_lora.data.template import render
-from mlx_lora.data.tokenize import load_split, tokenize_records, tokenize_with_stats
+from mlx_lora.data.tokenize import load_split, tokenize_with_stats
 from mlx_lora.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -129,7 +129,7 @@ def test_template_errors_name_every_record(no_template):
     records = [Record(kind="chat", source=f"t.jsonl:{n}", messages=({"role": "user",
                       "content": "a"}, {"role": "assistant", "content": "b"})) for n in (1, 2)]
     with pytest.raises(UserError) as info:
-        tokenize_records(records, no_template, 64, mask_prompt=False)
+        tokenize_with_stats(records, no_template, 64, mask_prompt=False)
     assert str(info.value).splitlines() == [
         f"t.jsonl:{n}: the chat template cannot render this conversation (roles must alternate)"
         for n in (1, 2)
@@ -139,7 +139,8 @@ def test_template_errors_name_every_record(no_template):
 def test_plain_text_is_chunked_with_overlap():
     tokenizer = load_tokenizer(MINIMIND)
     record = Record(kind="text", source="book.txt", text="All the world's a stage. " * 40)
-    examples, n_truncated = tokenize_records([record], tokenizer, 16, mask_prompt=False)
+    examples, stats = tokenize_with_stats([record], tokenizer, 16, mask_prompt=False)
+    n_truncated = stats.n_truncated
     ids, _ = render(record, tokenizer, False)
     assert n_truncated == 0 and len(examples) > 1
     assert all(len(e.ids) <= 16 and e.ids.dtype == np.int32 for e in examples)

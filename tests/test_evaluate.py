@@ -15,7 +15,7 @@ from mlx_lora.data.records import read_records
 from mlx_lora.data.tokenize import load_split
 from mlx_lora.errors import UserError
 from mlx_lora.evaluate import evaluate, generation_task
-from mlx_lora.load import load_base
+from mlx_lora.model.load import load_base
 
 COMPLETIONS = [
     {"prompt": "What is the capital of France?", "completion": "Paris"},

@@ -12,13 +12,14 @@ from click.testing import CliRunner
 
 from mlx_lora.adapters.inject import inject, make_spec
 from mlx_lora.adapters.lora import LoRALinear
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig, to_dict
 from mlx_lora.errors import UserError
-from mlx_lora.formats.convert import load_adapted
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.fuse import PROBE_TEXT, PROBE_TOKENS, fuse
-from mlx_lora.load import load_base
+from mlx_lora.model.adapted import load_adapted
+from mlx_lora.model.load import load_base
 
 
 def make_adapter(model_dir: Path, adapter_dir: Path, *, quantize: int = 0, b_std: float = 0.05,
@@ -26,7 +27,7 @@ def make_adapter(model_dir: Path, adapter_dir: Path, *, quantize: int = 0, b_std
     """An adapter as a run would save it, with random (non-zero) lora_b."""
     mx.random.seed(seed)
     loaded = load_base(str(model_dir), quantize=quantize)
-    spec = make_spec(loaded.model, "lora", targets, -1, 4, 8.0, 0.0, False)
+    spec = make_spec(loaded.model, "lora", targets, -1, Hyper(4, 8.0))
     inject(loaded.model, spec)
     for _, module in loaded.model.named_modules():
         if isinstance(module, LoRALinear):

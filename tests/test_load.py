@@ -11,9 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
+from mlx_lora.demo.tiny import make_tiny_model
 from mlx_lora.errors import UserError
-from mlx_lora.load import config_fixes, load_base, resolve_model_path
-from mlx_lora.tiny import make_tiny_model
+from mlx_lora.model.load import config_fixes, load_base, resolve_model_path
 
 TOKENS = mx.array([[3, 17, 42, 99, 7, 250, 11, 5]])
 

@@ -7,19 +7,20 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.adapters.inject import inject, make_spec
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.data.batching import make_batch
 from mlx_lora.data.tokenize import Example
-from mlx_lora.load import load_base
-from mlx_lora.train import chunked_ce
-from mlx_lora.train.head import split_model
-from mlx_lora.train.loss import loss_sums, make_loss
-from mlx_lora.train.validation import batch_arrays
+from mlx_lora.model.head import split_model
+from mlx_lora.model.load import load_base
+from mlx_lora.model.probe import probe_model
+from mlx_lora.objectives import chunked_ce
+from mlx_lora.objectives.sft import batch_arrays, loss_sums, make_loss
 
 
 def adapted(model_dir, targets="all-linear", quantize=0):
     """The model with LoRA on `targets`, lora_b random so every adapter gets a gradient."""
     model = load_base(str(model_dir), quantize=quantize).model
-    inject(model, make_spec(model, "lora", targets, -1, 4, 8.0, 0.0, False))
+    inject(model, make_spec(model, "lora", targets, -1, Hyper(4, 8.0)))
     rng = np.random.default_rng(0)
     model.update(tree_unflatten([
         (k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.05))
@@ -47,7 +48,7 @@ def plain_and_grads(model, batch):
 
 
 def fast_and_grads(model, batch, with_grad=True):
-    loss = make_loss(model, with_grad=with_grad)
+    loss = make_loss(model, split_model(model)[0], with_grad=with_grad)
     value, grads = nn.value_and_grad(model, lambda *a: loss(*a)[0])(*batch_arrays(batch))
     return value, dict(tree_flatten(grads))
 
@@ -124,9 +125,8 @@ def test_full_logits_when_head_does_not_split(tiny_qwen2):
     model = ScaledLogits(adapted(tiny_qwen2))
     split, problem = split_model(model)
     assert split is None and "scale" in problem
-    said = []
-    make_loss(model, with_grad=True, say=said.append)
-    assert len(said) == 1 and "full logits" in said[0]
+    note = probe_model(model, packing=False).loss_note()
+    assert note is not None and "full logits" in note
     batch = make_batch(examples(512), list(range(5)), 64)
     assert_same(plain_and_grads(model, batch), fast_and_grads(model, batch))
 

@@ -6,9 +6,9 @@ import pytest
 from mlx_lm.models import gpt2
 from test_loss import adapted, assert_same, examples, fast_and_grads, plain_and_grads
 
-from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import make_batch
 from mlx_lora.data.packing import (
+    decide_packing,
     first_fit,
     make_packed_batch,
     packed_plan,
@@ -17,12 +17,9 @@ from mlx_lora.data.packing import (
     positions,
 )
 from mlx_lora.data.tokenize import Example
-from mlx_lora.errors import UserError
-from mlx_lora.load import load_base
-from mlx_lora.train.packed_mask import packing_problem, resolve_pack
-from mlx_lora.train.recompute import checkpoint_blocks
-from mlx_lora.train.step import make_grad_step
-from mlx_lora.train.validation import batch_arrays
+from mlx_lora.model.load import load_base
+from mlx_lora.model.packed_mask import packing_problem
+from mlx_lora.model.recompute import checkpoint_blocks
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_qwen2"])
@@ -102,16 +99,8 @@ def tiny_gpt2() -> gpt2.Model:
 def test_absolute_positions_turn_packing_off():
     model = tiny_gpt2()
     assert "absolute positions" in packing_problem(model)
-    said = []
-    config = resolve_pack(TrainConfig(), model, said.append)
-    assert config.pack is False and len(said) == 1 and "packing is off" in said[0]
-    assert resolve_pack(TrainConfig(pack=False), model, said.append).pack is False
-    assert len(said) == 1  # nothing to say when packing was not asked for
-
-
-def test_a_step_refuses_packed_batches_where_packing_is_inexact():
-    model = tiny_gpt2()
-    records = [Example(np.arange(1, 9, dtype=np.int32), np.ones(8, bool))] * 2
-    packed = make_packed_batch(records, [[0, 1]], width=32)
-    with pytest.raises(UserError, match="--no-pack"):
-        make_grad_step(model)(*batch_arrays(packed), mx.array(1.0))
+    lengths = [40, 7, 9, 12] * 8  # short records that padding would waste room on
+    pack, line = decide_packing(True, packing_problem(model), lengths, 4, 64, 0)
+    assert pack is False and "packing is off" in line and "absolute positions" in line
+    assert decide_packing(True, None, lengths, 4, 64, 0)[0] is True  # exact: it pays here
+    assert decide_packing(False, None, lengths, 4, 64, 0) == (False, "packing is off (--no-pack)")

@@ -14,8 +14,9 @@ from helpers import make_adapter
 
 from mlx_lora.cli import cli
 from mlx_lora.errors import UserError
-from mlx_lora.formats.convert import export_adapter, load_adapted
+from mlx_lora.formats.convert import export_adapter
 from mlx_lora.formats.mlx_lm_adapter import adapter_weights
+from mlx_lora.model.adapted import load_adapted
 
 IDS = [3, 17, 42, 99, 250, 7, 311, 64, 128, 5, 480, 21]
 TOLERANCE = 1e-4  # DESIGN.md's contract 5
@@ -107,8 +108,8 @@ def test_round_trip_through_peft_is_exact(tiny_llama, tmp_path):
     before, spec_before = load_adapted(str(tiny_llama), str(adapter))
     after, spec_after = load_adapted(str(tiny_llama), str(tmp_path / "back"))
     assert set(spec_after.paths) == set(spec_before.paths)
-    assert spec_after.scale == pytest.approx(spec_before.scale)
-    assert (spec_after.alpha, spec_after.rslora) == (3.0, True)
+    assert spec_after.hyper.scale == pytest.approx(spec_before.hyper.scale)
+    assert (spec_after.hyper.alpha, spec_after.hyper.rslora) == (3.0, True)
     a, b = adapter_weights(before.model), adapter_weights(after.model)
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
 

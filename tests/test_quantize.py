@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
 
 from mlx_lora.errors import UserError
-from mlx_lora.load import load_base
-from mlx_lora.quantize import is_quantized, quantize_base
+from mlx_lora.model.load import load_base
+from mlx_lora.model.quantize import is_quantized, quantize_base
 
 TOKENS = mx.array([[1, 403, 407, 261, 378, 466, 370, 15, 30, 40, 200, 300]])
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig
+from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.train.checkpoint import list_checkpoints
-from mlx_lora.train.report import read_metrics
 from mlx_lora.train.run import train
 
 ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)

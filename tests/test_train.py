@@ -8,10 +8,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_lora.adapters.inject import inject, make_spec
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.batching import make_batch
 from mlx_lora.data.tokenize import Example
-from mlx_lora.load import load_base
+from mlx_lora.model.head import split_model
+from mlx_lora.model.load import load_base
+from mlx_lora.objectives.sft import SFT
 from mlx_lora.train.loop import accumulate_and_update
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.run import train
@@ -32,15 +35,16 @@ def examples_of_varied_length(n: int, seed: int = 0) -> list[Example]:
 def one_update(model_dir, micro_batches: list[list[int]], examples, quantize=0):
     loaded = load_base(str(model_dir), quantize=quantize)
     mx.random.seed(0)
-    spec = make_spec(loaded.model, "lora", "all-linear", -1, 4, 8.0, 0.0, False)
+    spec = make_spec(loaded.model, "lora", "all-linear", -1, Hyper(4, 8.0))
     inject(loaded.model, spec)
     config = TrainConfig(learning_rate=1e-2)
     optimizer = build_optimizer(config, total_steps=1)
     optimizer.init(loaded.model.trainable_parameters())
-    grad_step = make_grad_step(loaded.model)
+    loss = SFT.make_loss(loaded.model, split_model(loaded.model)[0], with_grad=True)
+    grad_step = make_grad_step(loaded.model, loss)
     update = make_update(loaded.model, optimizer, max_grad_norm=0.0)
     batches = [make_batch(examples, indices, 512) for indices in micro_batches]
-    loss, n_tokens = accumulate_and_update(grad_step, update, batches, step=1)
+    loss, n_tokens, _ = accumulate_and_update(grad_step, update, SFT, batches, step=1)
     return loss, n_tokens, dict(tree_flatten(loaded.model.trainable_parameters()))
 
 

@@ -1,0 +1,6 @@
+"""Adapter methods: one file per method, one line in METHODS."""
+
+from mlx_lora.adapters.lora import LORA
+from mlx_lora.adapters.protocol import Method
+
+METHODS: dict[str, Method] = {"lora": LORA}

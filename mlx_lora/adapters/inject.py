@@ -1,33 +1,33 @@
 """Choose target modules by name, regex or all-linear; swap in adapters; freeze the rest."""
 
-import math
 import re
 from dataclasses import dataclass
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_lora.adapters.lora import LoRALinear, linear_dims
+from mlx_lora.adapters import METHODS
+from mlx_lora.adapters.lora import linear_dims
+from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 
-ADAPTERS = {"lora": LoRALinear}
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
-ADAPTER_PARAMETERS = ("lora_a", "lora_b")
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Which modules carry adapters and with what hyper-parameters."""
+    """Which modules carry which method's adapters, with what hyper-parameters."""
 
-    method: str
+    method: str  # a key of METHODS
     paths: tuple[str, ...]  # full module paths, e.g. model.layers.3.self_attn.q_proj
-    rank: int
-    alpha: float
-    scale: float
-    dropout: float
-    rslora: bool
+    hyper: Hyper
     num_blocks: int  # transformer blocks in the model
+
+    @property
+    def table(self) -> Method:
+        """The method's entry in METHODS."""
+        return METHODS[self.method]
 
     def block_keys(self, model: nn.Module) -> tuple[list[str], int]:
         """mlx-lm's view: paths relative to a block (or top-level ones) and num_layers."""
@@ -41,11 +41,6 @@ class AdapterSpec:
                 keys.add(rest)
                 first_block = min(first_block, index)
         return sorted(keys), self.num_blocks - first_block
-
-
-def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    """alpha / rank, or alpha / sqrt(rank) for rank-stabilized LoRA."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def block_prefixes(model: nn.Module) -> dict[str, int]:
@@ -104,32 +99,34 @@ def find_targets(model: nn.Module, targets: str, num_layers: int) -> list[str]:
 def inject(model: nn.Module, spec: AdapterSpec) -> None:
     """Replace each target with an adapter around it; freeze everything but the adapters."""
     modules = dict(model.named_modules())
-    adapter_class = ADAPTERS[spec.method]
+    method, rank = spec.table, spec.hyper.rank
     swapped = []
     for path in spec.paths:
         base = modules[path]
         input_dims, output_dims = linear_dims(base)
-        if spec.rank > min(input_dims, output_dims):
+        if rank > min(input_dims, output_dims):
             raise UserError(
-                f"rank {spec.rank} is larger than layer {path} ({input_dims} -> {output_dims}); "
+                f"rank {rank} is larger than layer {path} ({input_dims} -> {output_dims}); "
                 f"use --rank {min(input_dims, output_dims)} or less"
             )
-        swapped.append((path, adapter_class.from_base(base, spec.rank, spec.scale, spec.dropout)))
+        swapped.append((path, method.layer.from_base(base, spec.hyper)))
     model.freeze()
     model.update_modules(tree_unflatten(swapped))
     for _, adapter in swapped:
-        adapter.unfreeze(keys=list(ADAPTER_PARAMETERS), recurse=False)
+        adapter.unfreeze(keys=list(method.trainable), recurse=False)
 
 
-def make_spec(model: nn.Module, method: str, targets: str, num_layers: int, rank: int,
-              alpha: float, dropout: float, rslora: bool) -> AdapterSpec:
-    """Resolve targets and hyper-parameters into an AdapterSpec for this model."""
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every adapter layer in the model, of any method."""
+    layer_types = tuple(m.layer for m in METHODS.values())
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, layer_types)]
+
+
+def make_spec(model: nn.Module, method: str, targets: str, num_layers: int,
+              hyper: Hyper) -> AdapterSpec:
+    """Resolve targets into an AdapterSpec for this model."""
     paths = find_targets(model, targets, num_layers)
-    return AdapterSpec(
-        method=method, paths=tuple(paths), rank=rank, alpha=alpha,
-        scale=lora_scale(alpha, rank, rslora), dropout=dropout, rslora=rslora,
-        num_blocks=len(model.layers),
-    )
+    return AdapterSpec(method, tuple(paths), hyper, len(model.layers))
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

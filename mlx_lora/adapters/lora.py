@@ -5,6 +5,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lora.adapters.protocol import Hyper, Method
+
 
 def linear_dims(linear: nn.Module) -> tuple[int, int]:
     """(input, output) width of an nn.Linear or nn.QuantizedLinear."""
@@ -27,11 +29,11 @@ def dequantized_weight(linear: nn.Module) -> mx.array:
 class LoRALinear(nn.Module):
     """A frozen linear (float: LoRA, quantized: QLoRA) plus a trainable float32 low-rank update."""
 
-    @staticmethod
-    def from_base(base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+    @classmethod
+    def from_base(cls, base: nn.Module, hyper: Hyper) -> "LoRALinear":
         """Wrap `base`; lora_b starts at zero so the wrapped layer equals the base."""
         input_dims, output_dims = linear_dims(base)
-        layer = LoRALinear(input_dims, output_dims, rank, scale, dropout)
+        layer = cls(input_dims, output_dims, hyper.rank, hyper.scale, hyper.dropout)
         layer.linear = base
         return layer
 
@@ -50,16 +52,17 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x).astype(mx.float32) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(x.dtype)
 
-    def delta(self) -> mx.array:
-        """The (output, input) weight update this adapter adds, in float32."""
-        return self.scale * (self.lora_a @ self.lora_b).T
+    def fused_weight(self) -> mx.array:
+        """W + scale * (lora_a @ lora_b).T, (output, input) in float32."""
+        weight = dequantized_weight(self.linear).astype(mx.float32)
+        return weight + self.scale * (self.lora_a @ self.lora_b).T
 
-    def fuse(self) -> nn.Linear:
-        """A float nn.Linear equal to base + adapter, in the base's compute dtype."""
-        weight = dequantized_weight(self.linear)
-        input_dims, output_dims = linear_dims(self.linear)
-        fused = nn.Linear(input_dims, output_dims, bias="bias" in self.linear)
-        fused.weight = (weight.astype(mx.float32) + self.delta()).astype(weight.dtype)
-        if "bias" in self.linear:
-            fused.bias = self.linear.bias
-        return fused
+
+LORA = Method(
+    name="lora",
+    layer=LoRALinear,
+    wraps=(nn.Linear, nn.QuantizedLinear),
+    trainable=("lora_a", "lora_b"),
+    peft_type="LORA",
+    peft_names={"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+)

@@ -1,20 +1,55 @@
-"""The contract every adapter method keeps, written once."""
+"""The adapter contract, written once: hyper-parameters, the layer, and a method's table entry."""
 
+import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-class Adapter(Protocol):
-    """A module wrapping a frozen base layer; its parameters are named as mlx-lm names them."""
+@dataclass(frozen=True)
+class Hyper:
+    """A method's hyper-parameters as configs and adapter files state them."""
 
-    @staticmethod
-    def from_base(base: nn.Module, rank: int, scale: float, dropout: float = 0.0) -> "Adapter":
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, or alpha / sqrt(rank) for rank-stabilized LoRA."""
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+
+class AdapterLayer(Protocol):
+    """A module around a frozen base layer; what training, saving and fusing call on it."""
+
+    linear: nn.Module  # the frozen base layer (mlx-lm's attribute name)
+
+    @classmethod
+    def from_base(cls, base: nn.Module, hyper: Hyper) -> "AdapterLayer":
         """Wrap `base` so that the result initially equals it."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        """Base output plus the adapter's update."""
+        """The base's output with the adapter's effect."""
 
-    def fuse(self) -> nn.Module:
-        """A plain layer equal to base + adapter."""
+    def fused_weight(self) -> mx.array:
+        """The (output, input) float32 weight of one plain layer equal to base + adapter."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: its layer, what trains, and how its tensors are named in files.
+
+    Trainable parameters are named in memory as mlx-lm names them in its adapter files, so
+    mlx-lm's format needs no table; other formats translate through the names given here.
+    """
+
+    name: str  # fine_tune_type in configs and adapter_config.json
+    layer: type  # an AdapterLayer
+    wraps: tuple[type, ...]  # the base layer types it can wrap
+    trainable: tuple[str, ...]  # the layer's parameters that train
+    peft_type: str  # PEFT's peft_type for this method
+    peft_names: dict[str, str]  # our parameter name -> PEFT's, for 2-D tensors stored transposed

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from mlx_lora.data.records import Record, check_chat_template, find_splits, read_records
+from mlx_lora.data.records import Record, check_chat_template, read_records
+from mlx_lora.data.sources import find_splits
 from mlx_lora.data.tokenize import Example, tokenize_with_stats
 
 

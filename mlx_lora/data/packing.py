@@ -4,7 +4,7 @@ An epoch's packed rows are dealt out evenly to as many micro-batches as padding 
 (ceil(records / batch_size)), so a micro-batch holds batch_size records on average and
 --iters, --epochs and --batch-size mean what they mean without packing. Micro-batches have
 one width and two row counts at most: few shapes to compile. Segment ids tell the attention
-mask which positions belong together (mlx_lora/train/packed_mask.py).
+mask which positions belong together (mlx_lora/model/packed_mask.py).
 
 Packing is there to cut padding. Where length-bucketed padding already fills rows about as
 well, packing is skipped: attention runs over whole rows, so rows holding several records
@@ -59,6 +59,22 @@ def packed_plan(lengths: list[int], batch_size: int, width: int, seed: int,
     n_batches = min(-(-len(lengths) // batch_size), len(rows))
     bounds = np.linspace(0, len(rows), n_batches + 1).round().astype(int)
     return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def decide_packing(requested: bool, model_problem: str | None, lengths: list[int],
+                   batch_size: int, max_seq_length: int, seed: int) -> tuple[bool, str]:
+    """Whether a run packs, and the one line that says so and why.
+
+    Packing needs to be exact for the model (model_problem None) and to pay for the data.
+    """
+    if not requested:
+        return False, "packing is off (--no-pack)"
+    if model_problem is not None:
+        return False, f"packing is off: {model_problem}"
+    if why_not := padding_does_as_well(lengths, batch_size, max_seq_length, seed):
+        return False, f"packing is off: {why_not}"
+    width = packed_width(lengths, max_seq_length)
+    return True, f"packing records into rows of {width} tokens"
 
 
 def padding_does_as_well(lengths: list[int], batch_size: int, max_seq_length: int,

@@ -1,4 +1,4 @@
-"""Find the data files, read their records, and report every bad one as FILE:LINE: problem."""
+"""Read data files' records and report every bad one as FILE:LINE: problem (or name[i]: ...)."""
 
 import json
 from dataclasses import dataclass
@@ -6,8 +6,6 @@ from pathlib import Path
 
 from mlx_lora.errors import UserError
 
-SPLITS = ("train", "valid", "test")
-SUFFIXES = (".jsonl", ".txt")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_PROBLEMS = 20
 
@@ -29,37 +27,6 @@ def from_plain_text(record: Record) -> bool:
     """True for the one record of a .txt file, which the tokenizer cuts into chunks."""
     # A JSONL record's source always ends in ":LINE", so only a .txt file's ends in ".txt".
     return record.kind == "text" and record.source.lower().endswith(".txt")
-
-
-def find_splits(data: str) -> dict[str, Path]:
-    """Map split names to files: a directory with train.* [valid.* test.*], or one file (train)."""
-    path = Path(data)
-    if not path.exists():
-        raise UserError(
-            f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
-            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl or .txt file"
-        )
-    if path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
-            raise UserError(
-                f"{data}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object "
-                "per line) or .txt (plain text)"
-            )
-        return {"train": path}
-    splits = {}
-    for split in SPLITS:
-        found = [path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()]
-        if len(found) > 1:
-            raise UserError(f"{data}: both {found[0].name} and {found[1].name}; keep only one")
-        if found:
-            splits[split] = found[0]
-    if "train" not in splits:
-        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-        raise UserError(
-            f"{data}: no train.jsonl or train.txt in this directory (found: {present}); "
-            "name the training file train.jsonl (JSONL) or train.txt (plain text)"
-        )
-    return splits
 
 
 def problems_error(problems: list[str]) -> UserError:
@@ -103,31 +70,55 @@ def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+class _NotJSON(str):
+    """A line that did not parse, as the problem to report in its place."""
+
+
 def _read_jsonl(lines: list[str], name: str) -> list[Record]:
-    records, problems = [], []
-    first_kind = None  # (kind, line) of the first record: the file's format
+    items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{name}:{number}"
         try:
-            obj = json.loads(line)
+            items.append((where, f"line {number}", json.loads(line)))
         except json.JSONDecodeError as e:
-            if not records and not problems and _whole_file_is_json("\n".join(lines)):
+            if not items and _whole_file_is_json("\n".join(lines)):
                 raise UserError(
                     f"{where}: the file is one JSON document; use one JSON object per line (JSONL)"
                 ) from None
-            problems.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            items.append((where, "", _NotJSON(f"not valid JSON ({e.msg} at column {e.colno})")))
+    return _records(items)
+
+
+def records_from_objects(objects, name: str) -> list[Record]:
+    """Validate in-memory records (dicts in any supported format) as a file's lines are.
+
+    Problems are reported as `name[i]: what is wrong`, all of them, in one UserError.
+    """
+    if not isinstance(objects, (list, tuple)) or not objects:
+        raise UserError(f"{name}: expected a non-empty list of records (dicts), found "
+                        f"{_type_name(objects) if objects is not None else 'nothing'}")
+    return _records([(f"{name}[{i}]", f"record {i}", obj) for i, obj in enumerate(objects)])
+
+
+def _records(items: list[tuple[str, str, object]]) -> list[Record]:
+    """Check (where, label, object) items: one format for all, each record valid."""
+    records, problems = [], []
+    first_kind = None  # (kind, label) of the first record: the file's format
+    for where, label, obj in items:
+        if isinstance(obj, _NotJSON):
+            problems.append(f"{where}: {obj}")
             continue
         kind = _kind(obj)
         if kind is None:
             problems.append(f"{where}: {_not_a_record(obj)}")
             continue
         if first_kind is None:
-            first_kind = (kind, number)
+            first_kind = (kind, label)
         elif kind != first_kind[0]:
             problems.append(
-                f"{where}: a {kind} record, but line {first_kind[1]} is a {first_kind[0]} "
+                f"{where}: a {kind} record, but {first_kind[1]} is a {first_kind[0]} "
                 "record; use one format per file"
             )
             continue

@@ -34,14 +34,6 @@ class TokenizeStats:
     n_dropped: int  # no token to learn (after truncation)
 
 
-def tokenize_records(
-    records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool
-) -> tuple[list[Example], int]:
-    """Examples of the records, and how many records were truncated to max_seq_length."""
-    examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
-    return examples, stats.n_truncated
-
-
 def tokenize_with_stats(
     records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool
 ) -> tuple[list[Example], TokenizeStats]:
@@ -82,20 +74,25 @@ def _chunks(ids: list[int], flags: list[bool], size: int):
 def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) -> list[Example]:
     """Read, validate and tokenize one data file; warn on stderr about truncated records."""
     path = Path(path)
-    records = read_records(path)
-    check_chat_template(records, tokenizer, path)
+    return to_examples(read_records(path), tokenizer, max_seq_length, mask_prompt, path.name)
+
+
+def to_examples(records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool,
+                name: str) -> list[Example]:
+    """Tokenize one split's records (named `name` in messages); warn about truncations."""
+    check_chat_template(records, tokenizer, name)
     examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
     if stats.n_truncated:
-        status(f"warning: {stats.n_truncated} of {stats.n_records} records in {path.name} "
+        status(f"warning: {stats.n_truncated} of {stats.n_records} records in {name} "
                f"were longer than --max-seq-length {max_seq_length} and were truncated")
     if not examples:
         hint = " within --max-seq-length" if stats.n_truncated else ""
         raise UserError(
-            f"{path.name}: no record has a token to train on{hint}"
+            f"{name}: no record has a token to train on{hint}"
             + (" (with --mask-prompt only completions and assistant turns count)"
                if mask_prompt else "")
         )
     if stats.n_dropped:
-        status(f"warning: {stats.n_dropped} sequences from {path.name} had no token to "
+        status(f"warning: {stats.n_dropped} sequences from {name} had no token to "
                "train on and were skipped")
     return examples

@@ -4,16 +4,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import yaml
 
 from mlx_lora import __version__
-from mlx_lora.adapters.inject import AdapterSpec, lora_scale
-from mlx_lora.config import RUN_CONFIG_FILE
+from mlx_lora.adapters import METHODS
+from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlx_lm_adapter, peft_adapter
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
-from mlx_lora.load import LoadedModel, load_base
+from mlx_lora.formats.run_config import trained_quantization
 
 FORMATS = ("mlx-lm", "peft")
 
@@ -51,38 +50,6 @@ def check_architecture(model: nn.Module, config: dict, adapter_dir: Path) -> Non
         )
 
 
-def trained_quantization(adapter_dir: Path) -> tuple[int, int] | None:
-    """(bits, group_size) the base was quantized to on load in training (QLoRA), if it was."""
-    path = Path(adapter_dir) / RUN_CONFIG_FILE
-    try:
-        run = yaml.safe_load(path.read_text(encoding="utf-8"))
-        bits, group_size = int(run.get("quantize") or 0), int(run.get("group_size") or 64)
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
-        return None  # not written by an mlx-lora run: the base is used as it is
-    return (bits, group_size) if bits else None
-
-
-def load_base_for(model: str, adapter_path: str | None,
-                  trust_remote_code: bool = False) -> LoadedModel:
-    """The base as the adapter was trained on it: quantized on load if the run was QLoRA."""
-    quantization = trained_quantization(adapter_path) if adapter_path else None
-    bits, group_size = quantization or (0, 64)
-    if quantization:
-        status(f"{adapter_path} was trained on a {bits}-bit base (QLoRA, group size "
-               f"{group_size}): loading {model} the same way")
-    return load_base(model, quantize=bits, group_size=group_size,
-                     trust_remote_code=trust_remote_code)
-
-
-def load_adapted(model: str, adapter_path: str | None,
-                 trust_remote_code: bool = False) -> tuple[LoadedModel, AdapterSpec | None]:
-    """The base as the adapter was trained on, with the adapter (any format) on, in eval mode."""
-    loaded = load_base_for(model, adapter_path, trust_remote_code)
-    spec = load_any_adapter(loaded.model, Path(adapter_path)) if adapter_path else None
-    loaded.model.eval()
-    return loaded, spec
-
-
 def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
     """Write the adapter of `adapter_dir` in format `fmt` to `save_path`; returns its format."""
     adapter_dir, save_path = Path(adapter_dir), Path(save_path)
@@ -106,13 +73,13 @@ def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
     config = mlx_lm_adapter.read_adapter_config(adapter_dir)
     source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
     weights = _read_weights(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
-    hyper = mlx_lm_adapter.lora_hyper(config, source)
+    method, hyper = mlx_lm_adapter.method_and_hyper(config, source)
     paths = peft_adapter.paths_of(weights)
     peft_config = peft_adapter.peft_config(
-        paths, hyper.rank, hyper.alpha, hyper.rslora, hyper.dropout, config.get("model"),
+        METHODS[method], paths, hyper, config.get("model"),
         _num_blocks(paths, int(config.get("num_layers", -1))),
     )
-    peft_adapter.save_peft(save_path, weights, peft_config)
+    peft_adapter.save_peft(save_path, weights, METHODS[method], peft_config)
 
 
 def _num_blocks(paths: list[str], num_layers: int) -> int | None:
@@ -125,22 +92,21 @@ def _num_blocks(paths: list[str], num_layers: int) -> int | None:
 
 def peft_to_mlx_lm(peft_dir: Path, save_path: Path) -> None:
     """Convert a PEFT LoRA directory to an mlx-lm one (that mlx_lm.load also reads)."""
-    config, weights = peft_adapter.read_peft(peft_dir)
-    rank, alpha, rslora, dropout = peft_adapter.peft_hyper(
-        config, str(peft_dir / peft_adapter.CONFIG_FILE))
+    config, method, weights = peft_adapter.read_peft(peft_dir)
+    hyper = peft_adapter.peft_hyper(config, str(peft_dir / peft_adapter.CONFIG_FILE))
     paths = peft_adapter.paths_of(weights)
     keys = sorted({m["rest"] if (m := peft_adapter.BLOCK_PATH.fullmatch(p)) else p
                    for p in paths})
     adapter_config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": method.name,
         # mlx-lm adapts these keys in every block; blocks without tensors keep lora_b = 0,
         # so the result is exact without knowing how many blocks the base has.
         "num_layers": -1,
-        "lora_parameters": {"rank": rank, "scale": lora_scale(alpha, rank, rslora),
-                            "dropout": dropout, "keys": keys},
+        "lora_parameters": {"rank": hyper.rank, "scale": hyper.scale,
+                            "dropout": hyper.dropout, "keys": keys},
         "model": config.get("base_model_name_or_path"),
-        "alpha": alpha,
-        "rslora": rslora,
+        "alpha": hyper.alpha,
+        "rslora": hyper.rslora,
         "target_paths": paths,
         "mlx_lora_version": __version__,
     }

@@ -1,7 +1,6 @@
 """mlx-lm's adapter directory: adapter_config.json + adapters.safetensors, read and written."""
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,7 +8,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_lora import __version__
-from mlx_lora.adapters.inject import AdapterSpec, find_targets, inject, lora_scale
+from mlx_lora.adapters import METHODS
+from mlx_lora.adapters.inject import AdapterSpec, find_targets, inject
+from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 
@@ -25,26 +26,27 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 def adapter_config(model: nn.Module, spec: AdapterSpec, base_model: str) -> dict:
     """mlx-lm's adapter_config.json, with our own extra keys (mlx-lm ignores them)."""
     keys, num_layers = spec.block_keys(model)
+    hyper = spec.hyper
     return {
         "fine_tune_type": spec.method,
         "num_layers": num_layers,
         "lora_parameters": {
-            "rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys,
+            "rank": hyper.rank, "scale": hyper.scale, "dropout": hyper.dropout, "keys": keys,
         },
         "model": base_model,
         "model_type": getattr(model, "model_type", None),
-        "alpha": spec.alpha,
-        "rslora": spec.rslora,
+        "alpha": hyper.alpha,
+        "rslora": hyper.rslora,
         "target_paths": list(spec.paths),
         "mlx_lora_version": __version__,
     }
 
 
-def save_adapters(adapter_dir: Path, model: nn.Module, spec: AdapterSpec, base_model: str,
-                  weights_file: str = WEIGHTS_FILE) -> None:
+def save_adapters(adapter_dir: Path, model: nn.Module, spec: AdapterSpec,
+                  base_model: str) -> None:
     """Write the adapter weights and config atomically (weights first: config names them)."""
     adapter_dir = Path(adapter_dir)
-    save_safetensors_atomic(adapter_dir / weights_file, adapter_weights(model))
+    save_safetensors_atomic(adapter_dir / WEIGHTS_FILE, adapter_weights(model))
     write_json_atomic(adapter_dir / CONFIG_FILE, adapter_config(model, spec, base_model))
 
 
@@ -59,50 +61,38 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-@dataclass(frozen=True)
-class LoraHyper:
-    """The hyper-parameters an adapter config states."""
-
-    rank: int
-    alpha: float
-    scale: float
-    dropout: float
-    rslora: bool
-
-
-def lora_hyper(config: dict, source: str) -> LoraHyper:
-    """Rank, alpha, scale, dropout and rslora of an mlx-lm adapter config (LoRA only)."""
+def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper]:
+    """The method and hyper-parameters an mlx-lm adapter config states."""
     method = config.get("fine_tune_type", "lora")
-    if method != "lora":
-        raise UserError(f"{source}: fine_tune_type '{method}' is not supported (only lora)")
+    if method not in METHODS:
+        raise UserError(f"{source}: fine_tune_type '{method}' is not supported "
+                        f"(supported: {', '.join(METHODS)})")
     try:
         params = config["lora_parameters"]
         rank, scale = int(params["rank"]), float(params["scale"])
         dropout = float(params.get("dropout", 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
-    alpha = float(config.get("alpha", scale * rank))
-    rslora = bool(config.get("rslora", False))
-    if abs(lora_scale(alpha, rank, rslora) - scale) > 1e-6 * max(1.0, abs(scale)):
-        alpha, rslora = scale * rank, False  # scale is what mlx-lm reads: it wins
-    return LoraHyper(rank, alpha, scale, dropout, rslora)
+    hyper = Hyper(rank, float(config.get("alpha", scale * rank)), dropout,
+                  bool(config.get("rslora", False)))
+    if abs(hyper.scale - scale) > 1e-6 * max(1.0, abs(scale)):
+        hyper = Hyper(rank, scale * rank, dropout, False)  # scale is what mlx-lm reads: it wins
+    return method, hyper
 
 
 def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
     """Rebuild the AdapterSpec an adapter config describes, for this model."""
-    hyper = lora_hyper(config, source)
+    method, hyper = method_and_hyper(config, source)
     if "target_paths" in config:
         paths = list(config["target_paths"])
     else:  # written by mlx-lm: keys relative to each of the last num_layers blocks
         keys = config["lora_parameters"].get("keys")
         targets = ",".join(keys) if keys else "all-linear"
         paths = find_targets(model, targets, int(config.get("num_layers", -1)))
-    return AdapterSpec("lora", tuple(paths), hyper.rank, hyper.alpha, hyper.scale,
-                       hyper.dropout, hyper.rslora, len(model.layers))
+    return AdapterSpec(method, tuple(paths), hyper, len(model.layers))
 
 
-def load_adapters(model: nn.Module, adapter_dir: Path,
-                  weights_file: str = WEIGHTS_FILE) -> AdapterSpec:
+def load_adapters(model: nn.Module, adapter_dir: Path) -> AdapterSpec:
     """Inject the adapters a directory describes and load their weights, checking every tensor."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -115,7 +105,7 @@ def load_adapters(model: nn.Module, adapter_dir: Path,
             "have; was the adapter trained on another base model?"
         )
     inject(model, spec)
-    load_adapter_weights(model, adapter_dir / weights_file)
+    load_adapter_weights(model, adapter_dir / WEIGHTS_FILE)
     return spec
 
 

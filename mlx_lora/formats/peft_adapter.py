@@ -13,7 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_lora.adapters.inject import AdapterSpec, inject, lora_scale
+from mlx_lora.adapters import METHODS
+from mlx_lora.adapters.inject import AdapterSpec, inject
+from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 from mlx_lora.formats.mlx_lm_adapter import adapter_weights
@@ -21,8 +23,6 @@ from mlx_lora.formats.mlx_lm_adapter import adapter_weights
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PEFT_NAMES = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-PEFT_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight")
 # The first numbered segment of a path is its block: model.layers.<3>.self_attn.q_proj.
 BLOCK_PATH = re.compile(r"(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)")
 # PEFT options that change what the adapter computes and that our LoRA cannot carry.
@@ -47,31 +47,43 @@ def is_peft_dir(path: Path) -> bool:
         return False
 
 
-def to_peft_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Our `<path>.lora_a` / `.lora_b` tensors under PEFT's names and layout."""
+def peft_name(name: str, method: Method) -> str:
+    """PEFT's name for one of ours: `<path>.lora_a` -> `base_model.model.<path>.lora_A.weight`."""
+    path, leaf = name.rsplit(".", 1)
+    return f"{PREFIX}{path}.{method.peft_names[leaf]}"
+
+
+def to_peft_weights(weights: dict[str, mx.array], method: Method) -> dict[str, mx.array]:
+    """Our tensors under PEFT's names and layout."""
     out = {}
     for name, value in weights.items():
-        path, leaf = name.rsplit(".", 1)
-        if leaf not in PEFT_NAMES:
-            raise UserError(f"tensor '{name}' is not a LoRA parameter; PEFT export takes LoRA only")
-        # (in, r) -> (r, in) and (r, out) -> (out, r)
-        out[f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"] = value.T
+        if name.rsplit(".", 1)[-1] not in method.peft_names:
+            raise UserError(f"tensor '{name}' is not a {method.name} parameter PEFT knows")
+        out[peft_name(name, method)] = value.T  # (in, r) -> (r, in) and (r, out) -> (out, r)
     return out
 
 
-def from_peft_weights(weights: dict[str, mx.array], source: str) -> dict[str, mx.array]:
+def from_peft_weights(weights: dict[str, mx.array], method: Method,
+                      source: str) -> dict[str, mx.array]:
     """PEFT's tensors under our names and layout, in float32; anything else is an error."""
+    ours = {peft: leaf for leaf, peft in method.peft_names.items()}
     out = {}
     for name, value in weights.items():
-        match = PEFT_KEY.fullmatch(name)
-        if match is None:
+        path, leaf = _split_peft_name(name, ours)
+        if path is None:
             raise UserError(
-                f"{source}: tensor '{name}' is not a LoRA A/B matrix of a linear layer "
-                "(mlx-lora imports PEFT LoRA on linear layers only)"
+                f"{source}: tensor '{name}' is not a {method.peft_type} tensor of a linear "
+                f"layer ({', '.join(method.peft_names.values())})"
             )
-        leaf = "lora_a" if match["which"] == "lora_A" else "lora_b"
-        out[f"{match['path']}.{leaf}"] = value.T.astype(mx.float32)
+        out[f"{path}.{leaf}"] = value.T.astype(mx.float32)
     return out
+
+
+def _split_peft_name(name: str, ours: dict[str, str]) -> tuple[str | None, str | None]:
+    for peft, leaf in ours.items():
+        if name.startswith(PREFIX) and name.endswith("." + peft):
+            return name[len(PREFIX):-len(peft) - 1], leaf
+    return None, None
 
 
 def target_modules(paths: list[str], num_blocks: int | None) -> dict:
@@ -94,17 +106,18 @@ def target_modules(paths: list[str], num_blocks: int | None) -> dict:
     return {"target_modules": sorted(paths), "layers_to_transform": None, "layers_pattern": None}
 
 
-def peft_config(paths: list[str], rank: int, alpha: float, rslora: bool, dropout: float,
-                base_model: str | None, num_blocks: int | None) -> dict:
-    """PEFT's adapter_config.json for a LoRA on `paths`."""
+def peft_config(method: Method, paths: list[str], hyper: Hyper, base_model: str | None,
+                num_blocks: int | None) -> dict:
+    """PEFT's adapter_config.json for `method` on `paths`."""
+    alpha = hyper.alpha
     return {
-        "peft_type": "LORA",
+        "peft_type": method.peft_type,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": rank,
+        "r": hyper.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "use_rslora": rslora,
-        "lora_dropout": dropout,
+        "use_rslora": hyper.rslora,
+        "lora_dropout": hyper.dropout,
         **target_modules(paths, num_blocks),
         "bias": "none",
         "use_dora": False,
@@ -118,16 +131,17 @@ def peft_config(paths: list[str], rank: int, alpha: float, rslora: bool, dropout
     }
 
 
-def save_peft(peft_dir: Path, weights: dict[str, mx.array], config: dict) -> None:
+def save_peft(peft_dir: Path, weights: dict[str, mx.array], method: Method,
+              config: dict) -> None:
     """Write PEFT's two files atomically (weights first: the config is what marks the dir)."""
     peft_dir = Path(peft_dir)
-    save_safetensors_atomic(peft_dir / WEIGHTS_FILE, to_peft_weights(weights),
+    save_safetensors_atomic(peft_dir / WEIGHTS_FILE, to_peft_weights(weights, method),
                             metadata={"format": "pt"})
     write_json_atomic(peft_dir / CONFIG_FILE, config)
 
 
-def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
-    """A PEFT LoRA directory's config and its weights under our names, validated."""
+def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
+    """A PEFT directory's config, method and weights under our names, validated."""
     peft_dir = Path(peft_dir)
     config_path, weights_path = peft_dir / CONFIG_FILE, peft_dir / WEIGHTS_FILE
     try:
@@ -136,9 +150,11 @@ def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
         raise UserError(f"{config_path}: cannot read PEFT's adapter config ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    if config.get("peft_type") != "LORA":
+    method = next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")), None)
+    if method is None:
+        known = ", ".join(sorted({m.peft_type for m in METHODS.values()}))
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; "
-                        "mlx-lora imports LORA adapters only")
+                        f"mlx-lora imports {known} adapters")
     for key, what in UNSUPPORTED.items():
         if config.get(key):
             raise UserError(f"{config_path}: {key} is set ({what}); mlx-lora's LoRA cannot "
@@ -155,11 +171,11 @@ def read_peft(peft_dir: Path) -> tuple[dict, dict[str, mx.array]]:
         raw = mx.load(str(weights_path))
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(f"{weights_path}: cannot read adapter weights ({e})") from None
-    return config, from_peft_weights(raw, str(weights_path))
+    return config, method, from_peft_weights(raw, method, str(weights_path))
 
 
-def peft_hyper(config: dict, source: str) -> tuple[int, float, bool, float]:
-    """(rank, alpha, rslora, dropout) from PEFT's r, lora_alpha, use_rslora, lora_dropout."""
+def peft_hyper(config: dict, source: str) -> Hyper:
+    """Our hyper-parameters from PEFT's r, lora_alpha, lora_dropout, use_rslora."""
     try:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha
@@ -168,7 +184,7 @@ def peft_hyper(config: dict, source: str) -> tuple[int, float, bool, float]:
         raise UserError(
             f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})"
         ) from None
-    return rank, alpha, bool(config.get("use_rslora", False)), dropout
+    return Hyper(rank, alpha, dropout, bool(config.get("use_rslora", False)))
 
 
 def paths_of(weights: dict[str, mx.array]) -> list[str]:
@@ -179,43 +195,40 @@ def paths_of(weights: dict[str, mx.array]) -> list[str]:
 def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
     """Inject the LoRA a PEFT directory holds and load it; any misfit is an error naming it."""
     peft_dir = Path(peft_dir)
-    config, weights = read_peft(peft_dir)
-    rank, alpha, rslora, dropout = peft_hyper(config, str(peft_dir / CONFIG_FILE))
+    config, method, weights = read_peft(peft_dir)
+    hyper = peft_hyper(config, str(peft_dir / CONFIG_FILE))
     source = str(peft_dir / WEIGHTS_FILE)
     modules = dict(model.named_modules())
     for name in weights:
         path = name.rsplit(".", 1)[0]
-        if not isinstance(modules.get(path), (nn.Linear, nn.QuantizedLinear)):
+        if not isinstance(modules.get(path), method.wraps):
             raise UserError(
-                f"{source}: tensor '{_peft_name(name)}' is for module '{path}', which this model "
-                "does not have as a linear layer; was the adapter trained on another base model?"
+                f"{source}: tensor '{peft_name(name, method)}' is for module '{path}', which "
+                "this model does not have as a linear layer; was the adapter trained on "
+                "another base model?"
             )
     wanted = set(paths_of(weights))
     paths = tuple(p for p in modules if p in wanted)  # in the model's order, as find_targets
-    spec = AdapterSpec("lora", paths, rank, alpha,
-                       lora_scale(alpha, rank, rslora), dropout, rslora, len(model.layers))
+    spec = AdapterSpec(method.name, paths, hyper, len(model.layers))
     inject(model, spec)
-    check_weights(model, weights, source)
+    check_weights(model, weights, method, source)
     model.load_weights(list(weights.items()), strict=False)
     return spec
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
+def check_weights(model: nn.Module, weights: dict[str, mx.array], method: Method,
+                  source: str) -> None:
     """Every injected adapter parameter has a tensor of its shape (named as PEFT names it)."""
     expected = adapter_weights(model)
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise UserError(
-                f"{source}: tensor '{_peft_name(name)}' has shape {tuple(value.T.shape)} but "
-                f"the model needs {tuple(expected[name].T.shape)}; was the adapter trained on "
-                "another base model (or with a per-module rank)?"
+                f"{source}: tensor '{peft_name(name, method)}' has shape "
+                f"{tuple(value.T.shape)} but the model needs {tuple(expected[name].T.shape)}; "
+                "was the adapter trained on another base model (or with a per-module rank)?"
             )
     absent = [name for name in expected if name not in weights]
     if absent:
-        raise UserError(f"{source}: no tensor '{_peft_name(absent[0])}' "
+        raise UserError(f"{source}: no tensor '{peft_name(absent[0], method)}' "
                         f"(and {len(absent) - 1} more)")
 
-
-def _peft_name(name: str) -> str:
-    path, leaf = name.rsplit(".", 1)
-    return f"{PREFIX}{path}.{PEFT_NAMES[leaf]}"

@@ -1,52 +1,40 @@
-"""The training loop: schedules updates, evaluations, saves and reports."""
+"""The training loop: schedules updates, evaluations, saves and reports; nothing else."""
 
 import math
+import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.config import TrainConfig
-from mlx_lora.console import status
-from mlx_lora.data.batching import Batch, batch_plan, make_batch, padding_fraction
-from mlx_lora.data.packing import (
-    make_packed_batch,
-    packed_plan,
-    packed_width,
-    padding_does_as_well,
-    positions,
-)
-from mlx_lora.data.tokenize import Example
+from mlx_lora.data.batching import padding_fraction
 from mlx_lora.errors import UserError
-from mlx_lora.formats.mlx_lm_adapter import save_adapters
-from mlx_lora.train.checkpoint import Position, save_checkpoint
+from mlx_lora.model.head import Split
+from mlx_lora.objectives.protocol import Objective
+from mlx_lora.train.checkpoint import Position
 from mlx_lora.train.interrupt import StopRequest
-from mlx_lora.train.report import ProgressBar, Window, append_metrics, peak_memory_gb
+from mlx_lora.train.progress import Window, peak_memory_gb
+from mlx_lora.train.report import RunReport
 from mlx_lora.train.step import add_grads, make_eval_step, make_grad_step, make_update
-from mlx_lora.train.validation import batch_arrays, should_stop_early, validate
+from mlx_lora.train.validation import should_stop_early, validate
 
 
 class TrainingDiverged(UserError):
     """The loss or gradient norm stopped being finite; the update was not applied."""
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
-
-
 @dataclass
 class Trainee:
-    """The model being trained and what the loop needs to write its adapters."""
+    """What the loop trains, how, and where its output goes (decided once by the run)."""
 
     model: nn.Module
-    spec: AdapterSpec
-    base_model: str
-    adapter_dir: Path
+    objective: Objective
+    split: Split | None  # the model's backbone/head split from the run's probe
+    pack: bool  # the run's packing decision
+    report: RunReport
 
 
 def total_steps(config: TrainConfig, n_examples: int) -> int:
@@ -57,87 +45,72 @@ def total_steps(config: TrainConfig, n_examples: int) -> int:
     return config.iters
 
 
-def training_batches(examples: list[Example], config: TrainConfig,
-                     position: Position) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, cursor after this batch, batch) forever, resuming at position.epoch/cursor."""
-    sizes = positions(examples)
-    width = packed_width(sizes, config.max_seq_length)
-    pack = config.pack
-    if pack and (why := padding_does_as_well(sizes, config.batch_size, config.max_seq_length,
-                                             config.seed)):
-        status(f"packing is off: {why}")
-        pack = False
-    epoch, cursor = position.epoch, position.cursor
-    while True:
-        if pack:
-            plan = packed_plan(sizes, config.batch_size, width, config.seed, epoch)
-        else:
-            plan = batch_plan(sizes, config.batch_size, config.seed, epoch)
-        for index in range(cursor, len(plan)):
-            batch = (make_packed_batch(examples, plan[index], width) if pack
-                     else make_batch(examples, plan[index], config.max_seq_length))
-            yield epoch, index + 1, batch
-        epoch, cursor = epoch + 1, 0
+def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train_set: list,
+        valid_set: list, position: Position, stop: threading.Event | None = None) -> bool:
+    """Train from `position` (updated in place) to the last step or an early stop.
 
-
-def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig,
-        train_set: list[Example], valid_set: list[Example], position: Position) -> Position:
-    """Train from `position` to the last step (or an early stop); returns the final position."""
-    model = trainee.model
+    Returns False when Ctrl-C or `stop` ended it early, after a checkpoint and the adapters
+    were saved; True when it ran to its end.
+    """
+    model, objective, report = trainee.model, trainee.objective, trainee.report
     steps = total_steps(config, len(train_set))
-    grad_step, eval_step = make_grad_step(model), make_eval_step(model)
+    grad_step = make_grad_step(model, objective.make_loss(model, trainee.split, with_grad=True))
+    eval_step = make_eval_step(model, objective.make_loss(model, trainee.split, with_grad=False))
     update = make_update(model, optimizer, config.max_grad_norm)
-    batches = training_batches(train_set, config, position)
-    bar = ProgressBar(steps, position.step)
+    batches = objective.train_batches(train_set, config, trainee.pack, position.epoch,
+                                      position.cursor)
     window = Window()
     started = time.perf_counter() - position.elapsed_s
+    report.open_bar(steps, position.step)
     if valid_set and position.step == 0:  # the starting point, for comparison
-        validate(trainee, eval_step, config, valid_set, position, bar.message)
+        validate(model, objective, eval_step, config, valid_set, position, report)
     model.train()
-    with StopRequest() as stop:
+    with StopRequest() as interrupt:
         try:
             while position.step < steps:
                 micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
-                loss, n_tokens = accumulate_and_update(
-                    grad_step, update, [b for _, _, b in micro], position.step + 1)
+                loss, units, stats = accumulate_and_update(
+                    grad_step, update, objective, [b for _, _, b in micro], position.step + 1)
                 position.step += 1
                 position.epoch, position.cursor = micro[-1][0], micro[-1][1]
-                position.trained_tokens += n_tokens
+                position.trained_tokens += units
                 position.elapsed_s = time.perf_counter() - started
                 padding = sum(padding_fraction(b) for _, _, b in micro) / len(micro)
-                window.add(loss, n_tokens, padding)
+                window.add(loss, units, padding, stats)
                 if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
-                                 steps, bar, window):
+                                 steps, window):
                     break
-                if stop.requested:
-                    path = save_checkpoint(trainee.adapter_dir, model, optimizer, position,
-                                           config.keep_checkpoints)
-                    raise TrainingInterrupted(
-                        f"interrupted after step {position.step}: saved {path}; "
-                        "run the same command with --resume to continue")
+                if interrupt.requested or (stop is not None and stop.is_set()):
+                    report.save_adapters(model)
+                    report.save_checkpoint(model, optimizer, position, config.keep_checkpoints)
+                    return False
         finally:
-            bar.close()
-    return position
+            report.close_bar()
+    return True
 
 
-def accumulate_and_update(grad_step, update, micro_batches: list[Batch],
-                          step: int) -> tuple[float, int]:
-    """One optimizer update over k micro-batches; the loss is normalized by all their tokens."""
-    n_tokens = sum(b.n_target_tokens for b in micro_batches)
-    inv_n = mx.array(1.0 / max(n_tokens, 1))
-    grads, sum_ce = None, mx.array(0.0)
+def accumulate_and_update(grad_step, update, objective: Objective, micro_batches: list,
+                          step: int) -> tuple[float, int, dict[str, float]]:
+    """One optimizer update over k micro-batches, normalized by all their units together.
+
+    Returns the mean loss per unit, the units, and the objective's statistics per unit.
+    """
+    units = sum(objective.count(b) for b in micro_batches)
+    inv_n = mx.array(1.0 / max(units, 1))
+    grads, sum_loss, stat_sums = None, mx.array(0.0), {}
     for batch in micro_batches:
-        ce, _, micro_grads = grad_step(*batch_arrays(batch), inv_n)
-        grads, sum_ce = add_grads(grads, micro_grads), sum_ce + ce
-        mx.eval(grads, sum_ce)
-    loss = sum_ce.item() / max(n_tokens, 1)
+        batch_loss, stats, micro_grads = grad_step(*objective.arrays(batch), inv_n)
+        grads, sum_loss = add_grads(grads, micro_grads), sum_loss + batch_loss
+        stat_sums = {k: stat_sums.get(k, 0.0) + v for k, v in stats.items()}
+        mx.eval(grads, sum_loss, stat_sums)
+    loss = sum_loss.item() / max(units, 1)
     if not math.isfinite(loss):
         raise TrainingDiverged(_diverged(step, "loss"))
     norm = update(grads)
     mx.eval(norm)
     if not math.isfinite(norm.item()):
         raise TrainingDiverged(_diverged(step, "gradient norm"))
-    return loss, n_tokens
+    return loss, units, {k: v.item() / max(units, 1) for k, v in stat_sums.items()}
 
 
 def _diverged(step: int, what: str) -> str:
@@ -148,14 +121,15 @@ def _diverged(step: int, what: str) -> str:
 
 
 def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
-                  position: Position, steps: int, bar: ProgressBar, window: Window) -> bool:
+                  position: Position, steps: int, window: Window) -> bool:
     """Report, validate and save as scheduled; True when early stopping ends the run."""
+    model, report = trainee.model, trainee.report
     step, last = position.step, position.step == steps
     if step % config.steps_per_report == 0 or last:
         summary = window.summary()
         memory = round(peak_memory_gb(), 4)
-        bar.show(step, summary["loss"], summary["tokens_per_sec"], memory)
-        append_metrics(trainee.adapter_dir, {
+        report.show(step, summary["loss"], summary["tokens_per_sec"], memory)
+        report.event({
             "event": "train", "step": step, "epoch": position.epoch, **summary,
             "learning_rate": optimizer.learning_rate.item(),
             "trained_tokens": position.trained_tokens, "peak_memory_gb": memory,
@@ -164,16 +138,14 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
     stop_early = False
     if valid_set and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
         eval_started = time.perf_counter()
-        validate(trainee, eval_step, config, valid_set, position, bar.message)
+        validate(model, trainee.objective, eval_step, config, valid_set, position, report)
         window.start += time.perf_counter() - eval_started  # not training throughput
         stop_early = should_stop_early(config, position)
         if stop_early:
-            bar.message(f"early stopping at step {step}: no better validation loss in "
-                        f"{config.early_stopping_patience} evaluations")
+            report.say(f"early stopping at step {step}: no better validation loss in "
+                       f"{config.early_stopping_patience} evaluations")
     if step % config.save_every == 0 or last or stop_early:
-        save_adapters(trainee.adapter_dir, trainee.model, trainee.spec, trainee.base_model)
-        save_checkpoint(trainee.adapter_dir, trainee.model, optimizer, position,
-                        config.keep_checkpoints)
-        append_metrics(trainee.adapter_dir, {"event": "save", "step": step,
-                                             "epoch": position.epoch})
+        report.save_adapters(model)
+        report.save_checkpoint(model, optimizer, position, config.keep_checkpoints)
+        report.event({"event": "save", "step": step, "epoch": position.epoch})
     return stop_early

@@ -1,103 +1,119 @@
-"""What a run tells the world: metrics.jsonl lines and a progress bar on stderr."""
+"""The one owner of everything a run writes: adapters, best, checkpoints, metrics, resolved
+config, plot, console lines, and the events a caller subscribes to.
 
-import json
-import math
-import os
-import sys
-import time
+Only a writing process (rank 0 of several) touches files or the console; that is decided here
+and nowhere else. Every event goes to metrics.jsonl and to the callback as the same dict.
+"""
+
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 
-METRICS_FILE = "metrics.jsonl"
+from mlx_lora.adapters.inject import AdapterSpec
+from mlx_lora.console import status
+from mlx_lora.formats.metrics import (
+    METRICS_FILE,
+    append_metrics,
+    read_metrics,
+    truncate_metrics,
+)
+from mlx_lora.formats.mlx_lm_adapter import save_adapters
+from mlx_lora.formats.run_config import write_run_config
+from mlx_lora.plot import plot_run
+from mlx_lora.train.checkpoint import CHECKPOINTS, Position, save_checkpoint
+from mlx_lora.train.progress import ProgressBar
 
-
-def peak_memory_gb() -> float:
-    """Peak memory MLX has allocated in this process, in GB."""
-    return mx.get_peak_memory() / 1e9
-
-
-def append_metrics(adapter_dir: Path, record: dict) -> None:
-    """Append one JSON line in a single write, flushed to disk, so a crash never tears a line."""
-    line = json.dumps({k: v for k, v in record.items() if v is not None}) + "\n"
-    fd = os.open(Path(adapter_dir) / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_metrics(adapter_dir: Path) -> list[dict]:
-    """The metrics lines of a run; a torn last line (from a crash mid-write) is skipped."""
-    path = Path(adapter_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+BEST_DIR = "best"
+Callback = Callable[[dict], None]
 
 
-class Window:
-    """Token-weighted training loss and throughput since the last report."""
+class RunReport:
+    """Writes a run's files and lines; remembers the latest event of each kind."""
 
-    def __init__(self):
-        self.reset()
+    def __init__(self, adapter_dir: Path, base_model: str, callback: Callback | None = None,
+                 writes: bool = True):
+        self.adapter_dir = Path(adapter_dir)
+        self.base_model = base_model
+        self.spec: AdapterSpec | None = None  # set once the adapters are in the model
+        self.callback, self.writes = callback, writes
+        self.bar: ProgressBar | None = None
+        self.latest: dict[str, dict] = {}  # event name -> its latest record
 
-    def reset(self) -> None:
-        """Start a new reporting window."""
-        self.sum_loss, self.tokens, self.updates, self.padding = 0.0, 0, 0, 0.0
-        self.start = time.perf_counter()
+    def say(self, text: str) -> None:
+        """One line for the person at the terminal (through the bar while it is drawn)."""
+        if not self.writes:
+            return
+        if self.bar is not None:
+            self.bar.message(text)
+        else:
+            status(text)
 
-    def add(self, loss: float, n_tokens: int, padding: float) -> None:
-        """Count one update."""
-        self.sum_loss += loss * n_tokens
-        self.tokens += n_tokens
-        self.updates += 1
-        self.padding += padding
+    def event(self, record: dict) -> None:
+        """A metrics line: appended to metrics.jsonl and handed to the callback."""
+        record = {k: v for k, v in record.items() if v is not None}
+        self.latest[record["event"]] = record
+        if self.writes:
+            append_metrics(self.adapter_dir, record)
+        if self.callback is not None:
+            self.callback(dict(record))
 
-    def summary(self) -> dict:
-        """Mean loss, tokens per second and padding fraction over the window."""
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        return {
-            "loss": self.sum_loss / max(self.tokens, 1),
-            "tokens_per_sec": self.tokens / seconds,
-            "padding_fraction": self.padding / max(self.updates, 1),
-        }
+    def start(self, resolved_config: dict, position: Position) -> None:
+        """Prepare the directory: a fresh run drops an older run's files; write the config."""
+        if not self.writes:
+            return
+        self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        if position.step == 0:
+            (self.adapter_dir / METRICS_FILE).unlink(missing_ok=True)
+            for name in (CHECKPOINTS, BEST_DIR):
+                shutil.rmtree(self.adapter_dir / name, ignore_errors=True)
+        else:
+            truncate_metrics(self.adapter_dir, position.step)
+            self.latest = {r["event"]: r for r in read_metrics(self.adapter_dir)}
+        write_run_config(self.adapter_dir, resolved_config)
 
-
-class ProgressBar:
-    """One line on stderr, redrawn in place on a terminal and printed every report otherwise."""
-
-    def __init__(self, total_steps: int, start_step: int = 0):
-        self.total = total_steps
-        self.start_time = time.perf_counter()
-        self.start_step = start_step
-        self.tty = sys.stderr.isatty()
+    def open_bar(self, total_steps: int, start_step: int) -> None:
+        """Start drawing the progress bar."""
+        if self.writes:
+            self.bar = ProgressBar(total_steps, start_step)
 
     def show(self, step: int, loss: float, tokens_per_sec: float, memory_gb: float) -> None:
-        """Draw the bar for `step` with the latest loss, speed and peak memory."""
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        rate = (step - self.start_step) / max(time.perf_counter() - self.start_time, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else math.inf
-        eta_text = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
-        text = (f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} "
-                f"{tokens_per_sec:,.0f} tok/s {memory_gb:.2f} GB eta {eta_text}")
-        if self.tty:
-            print("\r" + text, end="", file=sys.stderr, flush=True)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        """Redraw the progress bar."""
+        if self.bar is not None:
+            self.bar.show(step, loss, tokens_per_sec, memory_gb)
 
-    def message(self, text: str) -> None:
-        """Print a line without breaking the bar."""
-        print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+    def close_bar(self) -> None:
+        """Stop drawing the progress bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-    def close(self) -> None:
-        """End the bar's line."""
-        if self.tty:
-            print(file=sys.stderr, flush=True)
+    def save_adapters(self, model: nn.Module) -> None:
+        """The current adapters at the top of the directory, where mlx-lm loads them."""
+        if self.writes:
+            save_adapters(self.adapter_dir, model, self.spec, self.base_model)
+
+    def save_best(self, model: nn.Module) -> None:
+        """The current adapters as the best so far, in best/."""
+        if self.writes:
+            save_adapters(self.adapter_dir / BEST_DIR, model, self.spec, self.base_model)
+
+    def save_checkpoint(self, model: nn.Module, optimizer: optim.Optimizer, position: Position,
+                        keep: int) -> Path:
+        """Resume state for `position`; returns where it is (or would be, on other ranks)."""
+        if not self.writes:
+            return self.adapter_dir / CHECKPOINTS
+        return save_checkpoint(self.adapter_dir, model, optimizer, position, keep)
+
+    def done(self, position: Position) -> None:
+        """The final metrics line, from the run's own state, and the loss plot."""
+        train, val = self.latest.get("train", {}), self.latest.get("val", {})
+        self.event({"event": "done", "step": position.step, "epoch": position.epoch,
+                    "loss": train.get("loss"), "val_loss": val.get("val_loss"),
+                    "trained_tokens": position.trained_tokens,
+                    "peak_memory_gb": train.get("peak_memory_gb"),
+                    "elapsed_s": round(position.elapsed_s, 3)})
+        if self.writes:
+            self.say(f"loss plot: {plot_run(self.adapter_dir)}")

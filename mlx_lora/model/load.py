@@ -13,9 +13,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 from safetensors import safe_open
 
+from mlx_lora.config import DEFAULTS
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
-from mlx_lora.quantize import is_quantized, quantize_base
+from mlx_lora.model.quantize import is_quantized, quantize_base
 
 # mlx-lm's own download patterns, so a Hub model arrives as mlx_lm.load would fetch it.
 ALLOW_PATTERNS = getattr(
@@ -25,6 +26,7 @@ ALLOW_PATTERNS = getattr(
      "*.txt", "*.jsonl", "*.jinja"],
 )
 WEIGHTS_GLOB = "model*.safetensors"  # the only weight files mlx-lm's load_model reads
+WEIGHT_PATTERNS = ("model*.safetensors", "*.py")  # what the tokenizer and data checks do not need
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Output heads named otherwise than lm_head, only at the top level (internlm2, gpt-neox).
 OTHER_HEADS = ("output.weight", "embed_out.weight")
@@ -37,12 +39,17 @@ class LoadedModel:
     model: nn.Module
     tokenizer: TokenizerWrapper
     config: dict
-    model_path: Path
+    model_path: Path | None  # None for a model handed over already loaded
     quantization: dict | None = None
 
 
-def resolve_model_path(model: str, trust_remote_code: bool = False) -> Path:
-    """A local model directory, or a Hub repo id downloaded with mlx-lm's patterns."""
+def resolve_model_path(model: str, trust_remote_code: bool = False,
+                       weights: bool = True) -> Path:
+    """A local model directory, or a Hub repo id downloaded with mlx-lm's patterns.
+
+    weights=False fetches only what the tokenizer needs (config, tokenizer files), so data
+    can be checked before a multi-GB download.
+    """
     path = Path(model).expanduser()
     if path.exists():
         return _check_model_dir(path, str(path))
@@ -55,12 +62,14 @@ def resolve_model_path(model: str, trust_remote_code: bool = False) -> Path:
             f"{model!r} is neither an existing directory nor a Hugging Face repo id "
             "(like Qwen/Qwen2.5-0.5B-Instruct)"
         ) from None
-    return _check_model_dir(_download(model, trust_remote_code), f"Hub repo {model}")
+    downloaded = _download(model, trust_remote_code, weights)
+    return _check_model_dir(downloaded, f"Hub repo {model}") if weights else downloaded
 
 
-def _download(repo_id: str, trust_remote_code: bool) -> Path:
+def _download(repo_id: str, trust_remote_code: bool, weights: bool) -> Path:
     # A model's own .py files are fetched only when they may run.
-    patterns = [p for p in ALLOW_PATTERNS if trust_remote_code or p != "*.py"]
+    patterns = [p for p in ALLOW_PATTERNS if (trust_remote_code or p != "*.py")
+                and (weights or p not in WEIGHT_PATTERNS)]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
@@ -157,18 +166,29 @@ def _tensor_names(model_path: Path) -> list[str]:
     return names
 
 
-def load_base(
-    model: str, *, quantize: int = 0, group_size: int = 64, trust_remote_code: bool = False
-) -> LoadedModel:
-    """Load a base through mlx-lm (config fixed, quantized if asked) and freeze it."""
+def load_base(model: str, *, quantize: int = 0, group_size: int = DEFAULTS.group_size,
+              trust_remote_code: bool = False,
+              tokenizer: TokenizerWrapper | None = None) -> LoadedModel:
+    """Load a base through mlx-lm (config fixed, quantized if asked) and freeze it.
+
+    `tokenizer`: one already loaded with load_tokenizer_only, to use instead of loading again.
+    """
     path = resolve_model_path(model, trust_remote_code)
     net, config = _load_model(path, trust_remote_code)
-    tokenizer = _load_tokenizer(path, config)
+    tokenizer = tokenizer or _load_tokenizer(path, config)
+    return frozen_base(net, tokenizer, config, path, quantize, group_size, model)
+
+
+def frozen_base(net: nn.Module, tokenizer, config: dict, path: Path | None, quantize: int,
+                group_size: int, name: str) -> LoadedModel:
+    """A model and tokenizer as a LoadedModel: quantized if asked (and not already), frozen."""
+    if not isinstance(tokenizer, TokenizerWrapper):  # a plain Hugging Face tokenizer
+        tokenizer = TokenizerWrapper(tokenizer)
     quantization = is_quantized(net)
     if quantization is not None:
         quantization = {"mode": "affine", **config.get("quantization", quantization)}
         if quantize:
-            status(f"note: {model} is already quantized at {quantization['bits']} bits "
+            status(f"note: {name} is already quantized at {quantization['bits']} bits "
                    f"(group size {quantization['group_size']}); keeping it as it is")
     elif quantize:
         quantization = quantize_base(net, quantize, group_size)
@@ -178,9 +198,9 @@ def load_base(
     return LoadedModel(net, tokenizer, config, path, quantization)
 
 
-def load_tokenizer_only(model: str) -> TokenizerWrapper:
-    """The tokenizer of a model (directory or Hub id), without loading its weights."""
-    path = resolve_model_path(model)
+def load_tokenizer_only(model: str, trust_remote_code: bool = False) -> TokenizerWrapper:
+    """The tokenizer of a model (directory or Hub id), without loading (or fetching) weights."""
+    path = resolve_model_path(model, trust_remote_code, weights=False)
     return _load_tokenizer(path, _read_config(path))
 
 

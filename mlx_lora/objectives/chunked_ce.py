@@ -12,7 +12,7 @@ import sys
 
 import mlx.core as mx
 
-from mlx_lora.train.head import Split
+from mlx_lora.model.head import Split
 
 LOGITS_CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk; 128 positions at vocab 152k
 MAX_CHUNK = 4096
@@ -36,11 +36,12 @@ def _exp_cpu(x: mx.array) -> mx.array:
 _exp = mx.exp if sys.platform == "darwin" else _exp_cpu
 
 
-def chunked_ce_sum(split: Split, hidden: mx.array, targets: mx.array, weights: mx.array,
-                   with_grad: bool) -> mx.array:
-    """Sum over positions of weight * cross-entropy of head(hidden) against targets.
+def chunked_ce(split: Split, hidden: mx.array, targets: mx.array, weights: mx.array,
+               with_grad: bool) -> mx.array:
+    """Per position, weight * cross-entropy of head(hidden) against targets: (P,) float32.
 
-    hidden (P, H), targets (P,) int32, weights (P,) float32. with_grad picks the chunk
+    hidden (P, H), targets (P,) int32, weights (P,) float32. Summed, it is SFT's loss;
+    summed per sequence, a sequence's negative log-probability. with_grad picks the chunk
     function whose vjp is cheapest: the fused one when the head is frozen.
     """
     n = hidden.shape[0]
@@ -51,15 +52,15 @@ def chunked_ce_sum(split: Split, hidden: mx.array, targets: mx.array, weights: m
         chunk = _fused_chunk_ce(split)
     else:  # a trained head needs its own gradients: recompute each chunk's logits instead
         chunk = _checkpointed_chunk_ce(split)
-    total = mx.array(0.0)
+    values = []
     for start in range(0, n, size):  # static bounds: P is fixed per shape
         h = hidden[start:start + size]
-        if start:
+        if values:
             # Left alone, MLX schedules the chunks side by side and every chunk's logits are
             # alive at once; this orders them, so each chunk's logits die before the next.
-            h = mx.depends(h, total)
-        total = total + chunk(h, targets[start:start + size], weights[start:start + size])
-    return total
+            h = mx.depends(h, values[-1])
+        values.append(chunk(h, targets[start:start + size], weights[start:start + size]))
+    return values[0] if len(values) == 1 else mx.concatenate(values)
 
 
 def _log_sum_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -75,7 +76,7 @@ def _chunk_ce(split: Split):
         logits = split.head(h).astype(mx.float32)  # (C, V)
         lse, _, _ = _log_sum_exp(logits)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return ((lse - picked) * w).sum()
+        return (lse - picked) * w
 
     return chunk
 
@@ -96,15 +97,15 @@ def _checkpointed_chunk_ce(split: Split):
 
 
 def _fused_chunk_ce(split: Split):
-    """A chunk's loss whose forward pass also makes d loss / d h, so backward is a multiply."""
+    """A chunk's losses whose forward pass also makes d loss / d h, so backward is a multiply."""
 
     @mx.custom_function
     def chunk(h, t, w):
         logits = split.head(h).astype(mx.float32)  # (C, V)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         lse, e, s = _log_sum_exp(logits)
-        ce = ((lse - picked) * w).sum()
-        # d ce / d logits = w * (softmax - onehot); through the head it becomes d ce / d h.
+        ce = (lse - picked) * w  # (C,)
+        # d ce_i / d logits_i = w_i * (softmax_i - onehot_i); through the head, d ce_i / d h_i.
         scale = (w / s[:, 0])[:, None]
         if split.weight is not None:  # head(h) = h @ W.T: the onehot part is a row gather
             weight = split.weight()
@@ -118,7 +119,8 @@ def _fused_chunk_ce(split: Split):
     @chunk.vjp
     def chunk_vjp(primals, cotangents, outputs):
         _, t, w = primals
-        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+        # Each position's loss depends on its own hidden state only: a row-wise scale.
+        return cotangents[0][:, None] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
 
     def ce_only(h, t, w):
         ce, grad_h = chunk(h, t, w)

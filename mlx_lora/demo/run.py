@@ -5,13 +5,11 @@ import random
 import time
 from pathlib import Path
 
-from mlx_lora.config import TrainConfig
-from mlx_lora.data.records import find_splits, read_records
-from mlx_lora.evaluate import evaluate
+from mlx_lora.api import Finetune
+from mlx_lora.data.records import read_records
+from mlx_lora.data.sources import find_splits
+from mlx_lora.demo.tiny import make_tiny_model
 from mlx_lora.fuse import fuse
-from mlx_lora.generation import complete, load_for_inference
-from mlx_lora.tiny import make_tiny_model
-from mlx_lora.train.run import train
 
 POSITIVE = ["great", "lovely", "superb", "wonderful", "excellent", "delightful", "fantastic",
             "pleasant", "brilliant", "charming", "perfect", "splendid"]
@@ -65,31 +63,33 @@ def run_demo(output: str, model: str | None = None, data: str | None = None,
                                     num_layers=4, intermediate_size=256, texts=texts))
         say(f"built a tiny Llama-style model and tokenizer in {model}")
     splits = find_splits(str(data_dir))
-    held_out = splits.get("test") or splits.get("valid") or splits["train"]
+    split = next(s for s in ("test", "valid", "train") if s in splits)
+    held_out = splits[split]
 
-    base = load_for_inference(model)
-    before = evaluate(base, held_out, mask_prompt=True, generate=EVAL_RECORDS)
+    base = Finetune(model, str(data_dir), adapter_path=None, mask_prompt=True,
+                    max_seq_length=128)
+    before = base.evaluate(split, generate=EVAL_RECORDS)
     adapter_dir = out / "adapters"
-    config = TrainConfig(model=model, data=str(data_dir), adapter_path=str(adapter_dir),
-                         quantize=4, rank=8, alpha=16.0, batch_size=8, learning_rate=2e-3,
-                         iters=iters or 150, steps_per_report=25, steps_per_eval=50,
-                         save_every=50, mask_prompt=True, max_seq_length=128)
+    run = Finetune(model, str(data_dir), adapter_path=str(adapter_dir), overwrite=True,
+                   quantize=4, rank=8, alpha=16.0, batch_size=8, learning_rate=2e-3,
+                   iters=iters or 150, steps_per_report=25, steps_per_eval=50, save_every=50,
+                   mask_prompt=True, max_seq_length=128)
+    config = run.config
     say(f"fine-tuning with QLoRA (4-bit base, rank {config.rank}) for {config.iters} steps")
-    train(config, overwrite=True)
-    after = evaluate(load_for_inference(model, str(adapter_dir)), held_out,
-                     mask_prompt=True, generate=EVAL_RECORDS)
+    run.train()
+    after = run.evaluate(split, generate=EVAL_RECORDS)
     fused_dir = out / "fused_model"
     fuse(model, str(adapter_dir), str(fused_dir), overwrite=True)
 
-    say(f"held-out {held_out.name}: loss {before.loss:.3f} -> {after.loss:.3f}, exact-match "
-        f"accuracy on {after.generated} records {_percent(before.accuracy)} -> "
-        f"{_percent(after.accuracy)}")
+    say(f"held-out {held_out.name}: loss {before['loss']:.3f} -> {after['loss']:.3f}, "
+        f"exact-match accuracy on {after['generated']} records "
+        f"{_percent(before['accuracy'])} -> {_percent(after['accuracy'])}")
     prompt = next((r.prompt for r in read_records(held_out) if r.kind == "completion"), None)
     if prompt:
-        fused = load_for_inference(str(fused_dir))
+        fused = Finetune(str(fused_dir), adapter_path=None)
         say(f"prompt: {prompt}")
-        say(f"  base model says:   {complete(base, prompt, max_tokens=8)!r}")
-        say(f"  fused model says:  {complete(fused, prompt, max_tokens=8)!r}")
+        say(f"  base model says:   {base.generate(prompt, max_tokens=8)!r}")
+        say(f"  fused model says:  {fused.generate(prompt, max_tokens=8)!r}")
     say(f"adapters:    {adapter_dir} (mlx_lm.generate --model {model} --adapter-path "
         f"{adapter_dir})")
     say(f"fused model: {fused_dir} (mlx_lm.server --model {fused_dir})")

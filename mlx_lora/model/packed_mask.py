@@ -9,13 +9,8 @@ the distance between two tokens, so a segment that sees only itself computes wha
 alone. `packing_problem` checks exactly that on the model at hand.
 """
 
-import dataclasses
-from collections.abc import Callable
-
 import mlx.core as mx
 import mlx.nn as nn
-
-from mlx_lora.config import TrainConfig
 
 
 class SegmentCache:
@@ -89,13 +84,3 @@ def _vocab_size(model: nn.Module) -> int:
         return int(vocab)
     return int(model.model.embed_tokens.weight.shape[0])
 
-
-def resolve_pack(config: TrainConfig, model: nn.Module, say: Callable[[str], None]) -> TrainConfig:
-    """The config, with packing turned off and the reason said where it would not be exact."""
-    if not config.pack:
-        return config
-    problem = packing_problem(model)
-    if problem is None:
-        return config
-    say(f"packing is off: {problem}")
-    return dataclasses.replace(config, pack=False)

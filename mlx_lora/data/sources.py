@@ -1,0 +1,71 @@
+"""Where a run's records come from: a data directory or file, or records held in memory."""
+
+import os
+from pathlib import Path
+
+from mlx_lora.data.records import Record, read_records, records_from_objects
+from mlx_lora.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+SUFFIXES = (".jsonl", ".txt")
+
+
+def find_splits(data: str) -> dict[str, Path]:
+    """Map split names to files: a directory with train.* [valid.* test.*], or one file (train)."""
+    path = Path(data)
+    if not path.exists():
+        raise UserError(
+            f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
+            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl or .txt file"
+        )
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(
+                f"{data}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object "
+                "per line) or .txt (plain text)"
+            )
+        return {"train": path}
+    splits = {}
+    for split in SPLITS:
+        found = [path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()]
+        if len(found) > 1:
+            raise UserError(f"{data}: both {found[0].name} and {found[1].name}; keep only one")
+        if found:
+            splits[split] = found[0]
+    if "train" not in splits:
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise UserError(
+            f"{data}: no train.jsonl or train.txt in this directory (found: {present}); "
+            "name the training file train.jsonl (JSONL) or train.txt (plain text)"
+        )
+    return splits
+
+
+def split_file(data: str, split: str) -> Path:
+    """The file of `split` in a data directory, or the one data file given."""
+    if Path(data).is_file():
+        return Path(data)
+    splits = find_splits(data)
+    if split not in splits:
+        raise UserError(f"{data}: no {split}.jsonl (it has: {', '.join(sorted(splits))}); "
+                        "pick one with --split")
+    return splits[split]
+
+
+def read_splits(data) -> dict[str, tuple[str, list[Record]]]:
+    """Every split's name for messages and records, read and validated before any model loads.
+
+    `data` is a directory or a .jsonl/.txt file (contract 2), a list of records (dicts in any
+    supported format: the training split), or a dict of splits {"train": [...], "valid": ...}.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return {split: (path.name, read_records(path))
+                for split, path in find_splits(str(data)).items()}
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - set(SPLITS))
+        if unknown or "train" not in data:
+            raise UserError(f"data: a dict of splits needs a 'train' key and only "
+                            f"{', '.join(SPLITS)} (found: {', '.join(map(str, data)) or 'none'})")
+        return {split: (split, records_from_objects(data[split], split)) for split in SPLITS
+                if split in data}
+    return {"train": ("train", records_from_objects(data, "train"))}

@@ -1,0 +1,33 @@
+"""The objective contract: what a batch is, its loss, and what an update is normalized by."""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+# (*arrays) -> (sum of the per-unit losses, sums of reported statistics); never divided here:
+# the step divides by the units of the whole accumulated update.
+LossFn = Callable[..., tuple[mx.array, dict[str, mx.array]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective, as plain functions; a new objective is one file and one line.
+
+    examples(records, tokenizer, config, name) -> examples of one split
+    train_batches(examples, config, pack, epoch, cursor) -> (epoch, cursor after, batch), forever
+    eval_batches(examples, config) -> the batches one evaluation pass runs over
+    arrays(batch) -> the loss's array arguments
+    count(batch) -> the units the batch holds (target tokens, pairs): an update's divisor
+    make_loss(model, split, with_grad) -> LossFn; split is the model's head split or None
+    """
+
+    name: str
+    unit: str  # what count() counts, for messages: "tokens", "pairs"
+    examples: Callable[..., list[Any]]
+    train_batches: Callable[..., Iterator[tuple[int, int, Any]]]
+    eval_batches: Callable[..., Iterator[Any]]
+    arrays: Callable[[Any], tuple]
+    count: Callable[[Any], int]
+    make_loss: Callable[..., LossFn]
