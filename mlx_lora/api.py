@@ -10,7 +10,15 @@
 import os
 from pathlib import Path
 
-from mlx_lora.config import FIELDS, EvalConfig, GenerateConfig, build_config, read_config_file
+from mlx_lora.config import (
+    FIELDS,
+    EvalConfig,
+    GenerateConfig,
+    build_config,
+    features,
+    unknown_key,
+)
+from mlx_lora.config_file import read_config_file
 from mlx_lora.data.records import read_records
 from mlx_lora.data.sources import read_splits, split_file
 from mlx_lora.errors import UserError
@@ -41,8 +49,7 @@ class Finetune:
                  resume: bool = False, overwrite: bool = False, **options):
         unknown = sorted(set(options) - set(FIELDS))
         if unknown:
-            raise UserError(f"Finetune: unknown option '{unknown[0]}' (options are the CLI's "
-                            f"flags with underscores: {', '.join(sorted(FIELDS))})")
+            raise UserError(f"Finetune: {unknown_key(unknown[0])}")
         self._base = model if isinstance(model, tuple) else None
         self._records = None if data is None or isinstance(data, (str, os.PathLike)) else data
         self._no_adapter = "adapter_path" in options and options["adapter_path"] is None
@@ -107,8 +114,8 @@ class Finetune:
             if not self.config.data:
                 raise UserError("--data is required to evaluate")
             data_file = split_file(self.config.data, split)
-            return str(data_file), read_records(data_file)
-        splits = read_splits(self._records)
+            return str(data_file), read_records(data_file, features(self.config))
+        splits = read_splits(self._records, features(self.config))
         if split not in splits:
             raise UserError(f"data: no '{split}' split (it has: {', '.join(sorted(splits))})")
         return splits[split]

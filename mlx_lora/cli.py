@@ -229,6 +229,29 @@ def import_command(adapter_path, save_path):
     click.echo(f"converted {adapter_path} (peft) to mlx-lm in {save_path}")
 
 
+@cli.command()
+def env():
+    """Show what mlx-lora computes on: versions, device, and float32 matmul speed."""
+    import platform
+
+    import mlx.core as mx
+    import mlx_lm
+
+    from mlx_lora import __version__
+    from mlx_lora.model.blas import matmul_gflops, slow_blas_warning
+
+    click.echo(f"mlx-lora {__version__}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
+               f"Python {platform.python_version()} on {platform.system()} "
+               f"{platform.machine()}")
+    click.echo(f"device: {mx.default_device()}; float32 matmul: {matmul_gflops():.1f} GFLOP/s")
+    click.echo(slow_blas_warning() or "BLAS: fast")
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: on Linux, first with a fast system BLAS preloaded if there is one."""
+    import sys
+
+    from mlx_lora.model.blas import preload_fast_blas
+
+    preload_fast_blas(sys.argv[1:])
     cli.main(prog_name="mlx-lora")

@@ -1,12 +1,9 @@
 """Every command's options and their defaults, stated once; the training config's file and flags."""
 
 import dataclasses
-import json
+import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mlx_lora.errors import UserError
 
@@ -49,10 +46,17 @@ class TrainConfig:
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw"))
     learning_rate: float = _opt(1e-4, "Peak learning rate.")
     weight_decay: float = _opt(0.0, "Decoupled weight decay (adamw).")
+    adam_beta1: float = _opt(0.9, "Adam's first-moment decay.")
+    adam_beta2: float = _opt(0.999, "Adam's second-moment decay.")
+    adam_epsilon: float = _opt(1e-8, "Adam's epsilon.")
+    bias_correction: bool = _opt(True, "Correct the bias of Adam's moments (as torch does).")
     lr_schedule: str = _opt(
         "constant", "Learning-rate schedule after warmup.", choices=("constant", "cosine", "linear")
     )
-    warmup: int = _opt(0, "Linear warmup steps from 0 to the learning rate.")
+    warmup: int = _opt(0, "Linear warmup steps up to the learning rate.")
+    warmup_init: float = _opt(0.0, "Learning rate the warmup starts from.")
+    decay_steps: int = _opt(0, "Steps of the cosine/linear decay after warmup; 0 = to the end.")
+    end_learning_rate: float = _opt(0.0, "Learning rate the decay ends at.")
     max_grad_norm: float = _opt(0.0, "Clip the global gradient norm to this; 0 = no clipping.")
     grad_checkpoint: bool = _opt(False, "Recompute the adapted blocks' activations to save memory.")
     steps_per_report: int = _opt(10, "Log training loss every N updates.")
@@ -64,14 +68,17 @@ class TrainConfig:
         0, "Stop after N evaluations without a better validation loss; 0 = never.")
     keep_best: bool = _opt(True, "Keep the best-validation adapters in best/ (needs valid data).")
     seed: int = _opt(0, "Random seed for initialization, dropout and shuffling.")
+    resume_adapter_file: str = _opt(
+        "", "Start from the adapter weights in this .safetensors file (a fresh run otherwise).")
+    prompt_feature: str = _opt("prompt", "The records' key holding the prompt.")
+    completion_feature: str = _opt("completion", "The records' key holding the completion.")
+    text_feature: str = _opt("text", "The records' key holding plain text.")
+    chat_feature: str = _opt("messages", "The records' key holding chat messages.")
+    clear_cache_threshold: int = _opt(
+        0, "Clear MLX's buffer cache after a step when it holds more bytes than this; 0 = never.")
+    test: bool = _opt(False, "After training, report the loss on the test split.")
+    test_batches: int = _opt(500, "Test batches to evaluate with --test; -1 = all.")
 
-
-# mlx-lm's lora YAML keys with no meaning here: accepted so its configs run unchanged.
-MLX_LM_IGNORED_KEYS = (
-    "train", "test", "test_batches", "wandb", "report_to", "project_name", "config",
-    "resume_adapter_file", "hf_dataset", "optimizer_config",
-)
-MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 DEFAULTS = TrainConfig()
@@ -117,83 +124,6 @@ class FuseConfig:
              "within this relative error; else 8 bits, else float.")
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON config into TrainConfig keys, translating mlx-lm's lora keys."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the config file ({e})") from None
-    try:
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UserError(
-            f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
-        ) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a config file must be a mapping of keys to values")
-    return _translate_mlx_lm_keys(raw, path)
-
-
-def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
-    values = {}
-    for key, value in raw.items():
-        key = str(key).replace("-", "_")
-        if key in MLX_LM_IGNORED_KEYS:
-            continue
-        if key == "lora_parameters":
-            values.update(_lora_parameters(value, path))
-        elif key == "lr_schedule" and isinstance(value, dict):
-            values.update(_mlx_lm_schedule(value, path))
-        elif key in FIELDS:
-            values[key] = value
-        else:
-            known = ", ".join(sorted(FIELDS))
-            raise UserError(f"{path}: unknown key '{key}' (known keys: {known})")
-    return values
-
-
-def _lora_parameters(params: Any, path: str) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise UserError(f"{path}: lora_parameters must be a mapping (rank, scale, dropout, keys)")
-    values = {}
-    for key in params:
-        if key not in ("rank", "scale", "alpha", "dropout", "keys"):
-            raise UserError(f"{path}: unknown key 'lora_parameters.{key}'")
-    if "rank" in params:
-        values["rank"] = params["rank"]
-    if "dropout" in params:
-        values["dropout"] = params["dropout"]
-    if "alpha" in params:
-        values["alpha"] = params["alpha"]
-    elif "scale" in params:
-        # mlx-lm stores the scale itself; alpha = scale * rank gives it back.
-        values["alpha"] = float(params["scale"]) * int(params.get("rank", FIELDS["rank"].default))
-    if params.get("keys"):
-        values["targets"] = ",".join(params["keys"])
-    return values
-
-
-def _mlx_lm_schedule(schedule: dict, path: str) -> dict[str, Any]:
-    name = schedule.get("name")
-    if name not in MLX_LM_SCHEDULES:
-        raise UserError(
-            f"{path}: lr_schedule.name '{name}' is not supported "
-            f"(use one of {', '.join(MLX_LM_SCHEDULES)}, or lr_schedule: constant|cosine|linear)"
-        )
-    values = {"lr_schedule": MLX_LM_SCHEDULES[name]}
-    if schedule.get("arguments"):
-        values["learning_rate"] = schedule["arguments"][0]
-    if schedule.get("warmup"):
-        values["warmup"] = schedule["warmup"]
-    return values
-
-
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any],
                  source: str) -> TrainConfig:
     """Merge defaults < config file < flags, check types and ranges, and freeze."""
@@ -232,7 +162,8 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         if getattr(config, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(config, key)}")
     non_negative = ("iters", "epochs", "learning_rate", "weight_decay", "warmup", "max_grad_norm",
-                    "steps_per_eval", "early_stopping_patience")
+                    "steps_per_eval", "early_stopping_patience", "decay_steps",
+                    "end_learning_rate", "warmup_init", "adam_epsilon", "clear_cache_threshold")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")
@@ -240,10 +171,29 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         raise UserError(f"{source}: 'dropout' must be in [0, 1), got {config.dropout}")
     if config.quantize not in (0, 2, 3, 4, 5, 6, 8):
         raise UserError(f"{source}: 'quantize' must be 0 (off), 4 or 8 (or 2, 3, 5, 6 bits)")
+    if config.optimizer == "adam" and config.weight_decay:
+        raise UserError(f"{source}: weight_decay needs optimizer adamw (adam has none)")
     if config.num_layers == 0 or config.num_layers < -1:
         raise UserError(f"{source}: 'num_layers' must be -1 (all) or a positive count")
-    if config.val_batches == 0 or config.val_batches < -1:
-        raise UserError(f"{source}: 'val_batches' must be -1 (all) or a positive count")
+    for key in ("val_batches", "test_batches"):
+        if getattr(config, key) == 0 or getattr(config, key) < -1:
+            raise UserError(f"{source}: '{key}' must be -1 (all) or a positive count")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise UserError(f"{source}: '{key}' must be in [0, 1), got {getattr(config, key)}")
+
+
+def unknown_key(key: str) -> str:
+    """What to say about a key that is no option: the nearest one, and where all are listed."""
+    near = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return f"unknown key '{key}' ({hint}the keys are the flags of mlx-lora train --help)"
+
+
+def features(config: TrainConfig) -> dict[str, str]:
+    """Our record key -> the key the user's records hold it under."""
+    return {"prompt": config.prompt_feature, "completion": config.completion_feature,
+            "text": config.text_feature, "messages": config.chat_feature}
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ survives: ||saved - base - delta|| / ||delta|| <= tolerance.
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mlx_lora.config import FuseConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import load_any_adapter
+from mlx_lora.formats.output_dir import check_writable, exclusive
 from mlx_lora.model.adapted import load_base_for
 from mlx_lora.model.quantize import quantize_base
 
@@ -44,7 +46,7 @@ class LayerChoice:
     path: str
     precision: str  # "4-bit", "8-bit", "float16", ...
     error: float  # ||saved - base - delta|| / ||delta||: 0 keeps all of the update, 1 none
-    base_bits_error: float | None  # the same for a plain re-quantization at the base's bits
+    base_bits_error: float | None  # the same for a plain re-quantization at the target bits
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class FuseResult:
     max_logit_diff: float  # fused vs base + adapter, on the probe tokens
     adapter_effect: float  # max |base + adapter - base| on the same logits
     bound: float  # what the fuse promises max_logit_diff stays under
+    probe_tokens: int  # how many tokens the logits were compared on
 
 
 def relative_error(saved: mx.array, base: mx.array, delta: mx.array) -> float:
@@ -79,82 +82,106 @@ def fused_linear(adapter) -> nn.Linear:
     return _float_linear(adapter.fused_weight().astype(dtype), adapter.linear)
 
 
-def fold_quantized(path: str, adapter, tolerance: float) -> tuple[nn.Module, LayerChoice, object]:
-    """The adapted quantized layer at the first precision keeping its update, and its config entry.
+def bit_candidates(bits: int, group_size: int, mode: str) -> list[tuple[int, int, str]]:
+    """Precisions to try for an adapted layer, in order: `bits`, then 8 bits (float after)."""
+    return [(bits, group_size, mode)] + ([(8, group_size, "affine")] if bits < 8 else [])
 
-    The entry is what config.json's "quantization" must say about `path` for mlx-lm to
-    rebuild the layer: None (the base's default), a {group_size, bits, mode} dict, or False.
+
+def fold(model: nn.Module) -> dict[str, tuple[mx.array, mx.array, nn.Module]]:
+    """Replace every adapter by a float layer equal to base + adapter (in the base's dtype).
+
+    Returns, per path, the base weight and the fused weight in float32, and the base layer.
     """
-    base = adapter.linear
-    w0 = dequantized_weight(base)
-    dtype = w0.dtype
-    w0 = w0.astype(mx.float32)
-    fused = adapter.fused_weight()
+    folded, swapped = {}, []
+    for path, module in adapter_layers(model):
+        w0 = dequantized_weight(module.linear).astype(mx.float32)
+        folded[path] = (w0, module.fused_weight(), module.linear)
+        swapped.append((path, fused_linear(module)))
+    model.update_modules(tree_unflatten(swapped))
+    return folded
+
+
+def choose_precisions(model: nn.Module, folded: dict, candidates_for: Callable,
+                      tolerance: float) -> tuple[list[LayerChoice], dict]:
+    """Keep each fused layer at the first candidate precision its update survives, else float.
+
+    Returns the choices and, per path, what config.json's "quantization" must say for mlx-lm
+    to rebuild the layer: a {group_size, bits, mode} dict, or False (float); nothing where
+    the first candidate (the model's default) was kept.
+    """
+    modules = dict(model.named_modules())
+    choices, entries, swapped = [], {}, []
+    for path, (w0, fused, base) in folded.items():
+        candidates = candidates_for(base)
+        if _unchanged_quantized(base, w0, fused, candidates):  # stays bit for bit
+            layer, choice = base, LayerChoice(path, f"{base.bits}-bit", 0.0, 0.0)
+        else:
+            layer, choice = _first_surviving(path, w0, fused, modules[path], candidates,
+                                             tolerance)
+        if candidates and choice.precision != f"{candidates[0][0]}-bit":
+            entries[path] = (False if isinstance(layer, nn.Linear) else
+                             {"group_size": layer.group_size, "bits": layer.bits,
+                              "mode": layer.mode})
+        if layer is not modules[path]:
+            swapped.append((path, layer))
+        choices.append(choice)
+    model.update_modules(tree_unflatten(swapped))
+    return choices, entries
+
+
+def _unchanged_quantized(base: nn.Module, w0: mx.array, fused: mx.array,
+                         candidates: list) -> bool:
+    """A quantized base layer whose adapter adds nothing, to be kept at its own precision."""
+    return (isinstance(base, nn.QuantizedLinear) and bool(candidates)
+            and candidates[0] == (base.bits, base.group_size, base.mode)
+            and not mx.any(fused != w0).item())
+
+
+def _first_surviving(path: str, w0: mx.array, fused: mx.array, target: nn.Linear,
+                     candidates: list, tolerance: float) -> tuple[nn.Module, LayerChoice]:
     delta = fused - w0
-    if not mx.any(delta).item():  # nothing to fold: the base layer stays bit for bit
-        return base, LayerChoice(path, f"{base.bits}-bit", 0.0, 0.0), None
-    target = _float_linear(fused.astype(dtype), base)
-    candidates = [(base.bits, base.group_size, base.mode)]
-    if base.bits < 8:
-        candidates.append((8, base.group_size, "affine"))
-    base_bits_error = None
+    first_error = None
     for bits, group_size, mode in candidates:
         try:
             layer = nn.QuantizedLinear.from_linear(target, group_size, bits, mode)
         except ValueError:  # e.g. a group size that affine 8-bit does not support
             continue
         error = relative_error(dequantized_weight(layer), w0, delta)
-        if bits == base.bits:
-            base_bits_error = error
+        first_error = error if first_error is None else first_error
         if error <= tolerance:
-            entry = None if bits == base.bits else {"group_size": group_size, "bits": bits,
-                                                    "mode": mode}
-            return layer, LayerChoice(path, f"{bits}-bit", error, base_bits_error), entry
+            return layer, LayerChoice(path, f"{bits}-bit", error, first_error)
     error = relative_error(target.weight, w0, delta)
-    return target, LayerChoice(path, _dtype_name(dtype), error, base_bits_error), False
+    return target, LayerChoice(path, _dtype_name(target.weight.dtype), error, first_error)
 
 
 def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def fold(model: nn.Module, tolerance: float,
-         keep_quantized: bool) -> tuple[list[LayerChoice], dict]:
-    """Replace every adapter by a plain layer; return the choices and config entries per path.
+def set_precision(model: nn.Module, config: dict, folded: dict, dequantize: bool, quantize: int,
+                  group_size: int, tolerance: float) -> tuple[dict, list[LayerChoice]]:
+    """The fused model's precision, and the config.json that describes it.
 
-    keep_quantized: quantized bases stay quantized where the update survives (else float).
+    Unadapted layers keep the base's precision, or all go to float (dequantize) or to
+    `quantize` bits; each adapted layer goes to the first precision its update survives.
     """
-    swapped, choices, entries = [], [], {}
-    for path, module in adapter_layers(model):
-        if keep_quantized and isinstance(module.linear, nn.QuantizedLinear):
-            layer, choice, entry = fold_quantized(path, module, tolerance)
-            if entry is not None:
-                entries[path] = entry
-        else:
-            layer = fused_linear(module)
-            w0 = dequantized_weight(module.linear).astype(mx.float32)
-            error = relative_error(layer.weight, w0, module.fused_weight() - w0)
-            choice = LayerChoice(path, _dtype_name(layer.weight.dtype), error, None)
-        swapped.append((path, layer))
-        choices.append(choice)
-    model.update_modules(tree_unflatten(swapped))
-    return choices, entries
-
-
-def set_precision(model: nn.Module, config: dict, entries: dict, dequantize: bool,
-                  quantize: int, group_size: int) -> dict:
-    """Finish the fused model's precision; return the config.json that describes it."""
     config = dict(config)
     if dequantize or quantize:
         dequantize_model(model)
         # A float config has no quantization keys, so transformers loads it too.
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-        if quantize:
-            config["quantization"] = quantize_base(model, quantize, group_size)
-    elif entries:
+    if quantize:
+        config["quantization"] = quantize_base(model, quantize, group_size, skip=set(folded))
+        choices, entries = choose_precisions(
+            model, folded, lambda base: bit_candidates(quantize, group_size, "affine"), tolerance)
+    else:
+        choices, entries = choose_precisions(model, folded, lambda base: [] if dequantize else (
+            bit_candidates(base.bits, base.group_size, base.mode)
+            if isinstance(base, nn.QuantizedLinear) else []), tolerance)
+    if entries:
         config["quantization"] = {**config["quantization"], **entries}
-    return config
+    return config, choices
 
 
 def probe_logits(model: nn.Module, ids: list[int]) -> mx.array:
@@ -174,6 +201,24 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
     save_path = Path(save_path)
     local = [Path(model)] if Path(model).exists() else []  # a Hub id resolves on load
     _check_save_path(save_path, [Path(adapter_path), *local], overwrite)
+    with exclusive(save_path, "mlx-lora fuse"):
+        remove_stale_partials(save_path)
+        result = _fuse(model, adapter_path, save_path, dequantize, quantize, group_size,
+                       tolerance, overwrite, trust_remote_code)
+    report(result, tolerance)
+    return result
+
+
+def remove_stale_partials(save_path: Path) -> None:
+    """Remove what a killed fuse of this path left beside it (we hold its lock: none is live)."""
+    for pattern in (f".{save_path.name}.partial-*", f".{save_path.name}.old-*"):
+        for stale in save_path.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fuse(model: str, adapter_path: str, save_path: Path, dequantize: bool, quantize: int,
+          group_size: int, tolerance: float, overwrite: bool,
+          trust_remote_code: bool) -> FuseResult:
     loaded = load_base_for(model, adapter_path, trust_remote_code)
     _check_save_path(save_path, [loaded.model_path], overwrite)
     net = loaded.model
@@ -182,9 +227,9 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
     load_any_adapter(net, Path(adapter_path))
     net.eval()
     adapted_logits = probe_logits(net, probe)
-    keep_quantized = not (dequantize or quantize)
-    choices, entries = fold(net, tolerance, keep_quantized)
-    config = set_precision(net, loaded.config, entries, dequantize, quantize, group_size)
+    folded = fold(net)
+    config, choices = set_precision(net, loaded.config, folded, dequantize, quantize,
+                                    group_size, tolerance)
     fused_logits = probe_logits(net, probe)
     write_model_dir(save_path, net, config, loaded.model_path, overwrite)
     effect = mx.abs(adapted_logits - base_logits).max().item()
@@ -192,12 +237,12 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
         save_path=save_path, layers=tuple(choices),
         max_logit_diff=mx.abs(fused_logits - adapted_logits).max().item(),
         adapter_effect=effect, bound=float("inf") if quantize else tolerance * effect,
+        probe_tokens=len(probe),
     )
-    report(result, tolerance, len(probe))
     return result
 
 
-def report(result: FuseResult, tolerance: float, n_tokens: int) -> None:
+def report(result: FuseResult, tolerance: float) -> None:
     """Tell the person on stderr how each layer was kept and what the fuse cost."""
     counts: dict[str, int] = {}
     for choice in result.layers:
@@ -208,9 +253,9 @@ def report(result: FuseResult, tolerance: float, n_tokens: int) -> None:
     if naive:
         worst = max(c.error for c in result.layers)
         status(f"relative error of the saved updates: at most {worst:.3g} (tolerance "
-            f"{tolerance:g}); re-quantizing them all at the base's bits, as mlx_lm.fuse "
+            f"{tolerance:g}); re-quantizing them all at the target bits, as mlx_lm.fuse "
             f"does, would miss them by {naive[len(naive) // 2]:.0%} (median)")
-    status(f"max |logit diff| fused vs base+adapter on {n_tokens} tokens: "
+    status(f"max |logit diff| fused vs base+adapter on {result.probe_tokens} tokens: "
         f"{result.max_logit_diff:.3g} (the adapter itself moves them by up to "
         f"{result.adapter_effect:.3g})")
     if result.max_logit_diff > result.bound:
@@ -219,6 +264,7 @@ def report(result: FuseResult, tolerance: float, n_tokens: int) -> None:
 
 
 def _check_save_path(save_path: Path, protected: list[Path], overwrite: bool) -> None:
+    check_writable(save_path, "--save-path")
     target = save_path.resolve()
     for path in protected:
         path = Path(path).resolve()

@@ -50,6 +50,8 @@ DATA_CASES = {
     "tools not a list": ('{"messages": [{"role": "user", "content": "a"}, {"role": '
                          '"assistant", "content": "b"}], "tools": "x"}\n', "train.jsonl:1:"),
     "huge unparseable line": ("{" + "x" * 3_000_000 + "\n", "train.jsonl:1: not valid JSON"),
+    "lone surrogate": (GOOD + '{"prompt": "a\\ud800b", "completion": "c"}\n',
+                       "train.jsonl:2: holds text that is not valid Unicode"),
 }
 
 
@@ -94,6 +96,7 @@ PATH_CASES = {
     "data file type": (lambda d: write(d / "train.csv", "a,b\n"), "unsupported file type"),
     "directory without train split": (lambda d: write(d / "x" / "valid.jsonl", GOOD).parent,
                                       "no train.jsonl"),
+    "a device, not a file": (lambda d: Path("/dev/null"), "neither a regular file nor"),
 }
 
 
@@ -140,6 +143,7 @@ CONFIG_FILE_CASES = {
     "missing config file": (None, "cannot read the config file"),
     "bad YAML": ("rank: [1, 2\n", "not valid YAML"),
     "not a mapping": ("- 1\n- 2\n", "must be a mapping"),
+    "a key twice": ("rank: 4\nalpha: 8\nrank: 16\n", "duplicate key 'rank'"),
 }
 
 
@@ -169,6 +173,13 @@ def broken_model(model: Path, tmp_path: Path, how: str) -> Path:
         write(target / "config.json", "{not json")
     elif how == "weights for another shape":
         write(target / "config.json", json.dumps({**config, "hidden_size": 128}))
+    elif how in ("template syntax error", "template drops assistant turns"):
+        tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = (
+            "{% for m in messages %}{{ m['content'] }" if how == "template syntax error" else
+            "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+            "{% endfor %}")
+        write(target / "tokenizer_config.json", json.dumps(tokenizer_config))
     return target
 
 
@@ -180,6 +191,10 @@ MODEL_CASES = {
     "unknown architecture": ("unknown architecture", "no_such_arch"),
     "config not JSON": ("config not JSON", "config.json"),
     "weights for another shape": ("weights for another shape", "do not match"),
+    "template syntax error": ("template syntax error", "chat template (chat_template.jinja "
+                              "or tokenizer_config.json) has a syntax error"),
+    "template drops assistant turns": ("template drops assistant turns",
+                                       "the chat template drops assistant turns"),
 }
 
 
@@ -260,3 +275,20 @@ def test_corrupt_checkpoint_on_resume(model, trained, tmp_path):
                           "--adapter-path", out, "--iters", 2, "--resume")
     assert_one_actionable_line(code, output, "cannot read checkpoint")
     assert snapshot(out) == before
+
+
+OUTPUT_CASES = {
+    "under a file": (lambda d: write(d / "afile", "x") / "out", "which is a file"),
+    "a file itself": (lambda d: write(d / "afile", "x"), "is a file"),
+    "inside /proc": (lambda d: Path("/proc/mlx_lora_out"), "cannot write in /proc"),
+    "an empty name": (lambda d: "", "--adapter-path is empty"),
+}
+
+
+@pytest.mark.parametrize("make, expected", OUTPUT_CASES.values(), ids=OUTPUT_CASES.keys())
+def test_bad_output_location_fails_before_the_model_loads(tmp_path, make, expected):
+    write(tmp_path / "data" / "train.jsonl", GOOD)
+    # The model does not exist: an output error must come first, before any loading.
+    code, output = invoke("train", "--model", tmp_path / "no-model", "--data",
+                          tmp_path / "data", "--adapter-path", make(tmp_path))
+    assert_one_actionable_line(code, output, expected)

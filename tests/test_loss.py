@@ -135,3 +135,34 @@ def test_exp_matches_mlx_exp():
     x = mx.linspace(-80.0, 0.0, 100_001)
     got, want = chunked_ce._exp_cpu(x), mx.exp(x)
     assert (mx.abs(got - want) / want).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_per_position_terms_equal_the_plain_per_token_loss(tiny_llama, monkeypatch, with_grad):
+    """What preference losses take: each loss position's term, still without full logits."""
+    monkeypatch.setattr(chunked_ce, "LOGITS_CHUNK_BYTES", 4 * 512 * 32)  # several chunks
+    model = adapted(tiny_llama)
+    split, _ = split_model(model)
+    batch = make_batch(examples(512), list(range(5)), 64)
+    inputs, _, positions, targets, weights = batch_arrays(batch)
+    coefficients = mx.random.normal(positions.shape, key=mx.random.key(3))
+
+    def plain(_):
+        logits = model(inputs).reshape(-1, split.vocab_size)[positions]
+        terms = nn.losses.cross_entropy(logits, targets) * weights
+        return (terms * coefficients).sum(), terms
+
+    def chunked(_):
+        hidden = split.backbone(inputs).reshape(-1, 64)[positions]  # hidden size 64
+        terms = chunked_ce.chunked_ce(split, hidden, targets, weights, with_grad,
+                                      per_position=True)
+        return (terms * coefficients).sum(), terms
+
+    (v1, t1), g1 = nn.value_and_grad(model, plain)(None)
+    (v2, t2), g2 = nn.value_and_grad(model, chunked)(None)
+    np.testing.assert_allclose(np.array(t2), np.array(t1), rtol=1e-5, atol=1e-5)
+    assert v2.item() == pytest.approx(v1.item(), rel=1e-5)
+    if with_grad:
+        for key, value in dict(tree_flatten(g1)).items():
+            np.testing.assert_allclose(np.array(dict(tree_flatten(g2))[key]), np.array(value),
+                                       rtol=1e-4, atol=1e-6, err_msg=key)

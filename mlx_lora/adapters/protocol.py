@@ -7,6 +7,8 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lora.errors import UserError
+
 
 @dataclass(frozen=True)
 class Hyper:
@@ -21,6 +23,16 @@ class Hyper:
     def scale(self) -> float:
         """alpha / rank, or alpha / sqrt(rank) for rank-stabilized LoRA."""
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+    def checked(self, source: str) -> "Hyper":
+        """Itself, if an adapter file's numbers make sense; else a UserError naming `source`."""
+        if self.rank <= 0:
+            raise UserError(f"{source}: rank is {self.rank}; it must be a positive count")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.scale):
+            raise UserError(f"{source}: the scale (alpha {self.alpha}) is not a finite number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"{source}: dropout is {self.dropout}; it must be in [0, 1)")
+        return self
 
 
 class AdapterLayer(Protocol):

@@ -37,8 +37,11 @@ def problems_error(problems: list[str]) -> UserError:
     return UserError("\n".join(lines))
 
 
-def read_records(path: Path) -> list[Record]:
-    """Read and validate a .jsonl or .txt file; raise one UserError naming every bad line."""
+def read_records(path: Path, features: dict[str, str] | None = None) -> list[Record]:
+    """Read and validate a .jsonl or .txt file; raise one UserError naming every bad line.
+
+    features: our key -> the key the records use instead (mlx-lm's *_feature options).
+    """
     path = Path(path)
     name = path.name
     try:
@@ -54,7 +57,7 @@ def read_records(path: Path) -> list[Record]:
         raise UserError(f"{name}: the file is empty; it needs at least one record")
     if path.suffix.lower() == ".txt":
         return [Record(kind="text", source=name, text="\n".join(lines))]
-    return _read_jsonl(lines, name)
+    return _read_jsonl(lines, name, features)
 
 
 def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
@@ -74,7 +77,7 @@ class _NotJSON(str):
     """A line that did not parse, as the problem to report in its place."""
 
 
-def _read_jsonl(lines: list[str], name: str) -> list[Record]:
+def _read_jsonl(lines: list[str], name: str, features: dict[str, str] | None) -> list[Record]:
     items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -88,10 +91,11 @@ def _read_jsonl(lines: list[str], name: str) -> list[Record]:
                     f"{where}: the file is one JSON document; use one JSON object per line (JSONL)"
                 ) from None
             items.append((where, "", _NotJSON(f"not valid JSON ({e.msg} at column {e.colno})")))
-    return _records(items)
+    return _records(items, features)
 
 
-def records_from_objects(objects, name: str) -> list[Record]:
+def records_from_objects(objects, name: str,
+                         features: dict[str, str] | None = None) -> list[Record]:
     """Validate in-memory records (dicts in any supported format) as a file's lines are.
 
     Problems are reported as `name[i]: what is wrong`, all of them, in one UserError.
@@ -99,10 +103,12 @@ def records_from_objects(objects, name: str) -> list[Record]:
     if not isinstance(objects, (list, tuple)) or not objects:
         raise UserError(f"{name}: expected a non-empty list of records (dicts), found "
                         f"{_type_name(objects) if objects is not None else 'nothing'}")
-    return _records([(f"{name}[{i}]", f"record {i}", obj) for i, obj in enumerate(objects)])
+    items = [(f"{name}[{i}]", f"record {i}", obj) for i, obj in enumerate(objects)]
+    return _records(items, features)
 
 
-def _records(items: list[tuple[str, str, object]]) -> list[Record]:
+def _records(items: list[tuple[str, str, object]],
+             features: dict[str, str] | None) -> list[Record]:
     """Check (where, label, object) items: one format for all, each record valid."""
     records, problems = [], []
     first_kind = None  # (kind, label) of the first record: the file's format
@@ -110,6 +116,7 @@ def _records(items: list[tuple[str, str, object]]) -> list[Record]:
         if isinstance(obj, _NotJSON):
             problems.append(f"{where}: {obj}")
             continue
+        obj = _renamed(obj, features)
         kind = _kind(obj)
         if kind is None:
             problems.append(f"{where}: {_not_a_record(obj)}")
@@ -122,13 +129,31 @@ def _records(items: list[tuple[str, str, object]]) -> list[Record]:
                 "record; use one format per file"
             )
             continue
-        record_problems = CHECKS[kind](obj)
+        record_problems = CHECKS[kind](obj) or _not_unicode(obj)
         problems.extend(f"{where}: {p}" for p in record_problems)
         if not record_problems:
             records.append(_record(kind, obj, where))
     if problems:
         raise problems_error(problems)
     return records
+
+
+def _not_unicode(obj) -> list[str]:
+    """A record holding a lone surrogate (valid JSON, "\\ud800", but no text) cannot be encoded."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return [f"holds text that is not valid Unicode ({e.reason}: {e.object[e.start:e.end]!a})"
+                "; fix or remove that escape"]
+    return []
+
+
+def _renamed(obj, features: dict[str, str] | None):
+    """The record with the user's keys for prompt, completion, text, messages renamed to ours."""
+    if not features or not isinstance(obj, dict):
+        return obj
+    renames = {theirs: ours for ours, theirs in features.items() if theirs != ours}
+    return {renames.get(key, key): value for key, value in obj.items()}
 
 
 def _whole_file_is_json(text: str) -> bool:

@@ -18,6 +18,9 @@ def find_splits(data: str) -> dict[str, Path]:
             f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
             "(and optionally valid.jsonl, test.jsonl) or a single .jsonl or .txt file"
         )
+    if not path.is_file() and not path.is_dir():
+        raise UserError(f"{data}: neither a regular file nor a directory; --data takes a "
+                        "directory holding train.jsonl or a single .jsonl or .txt file")
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(
@@ -52,20 +55,21 @@ def split_file(data: str, split: str) -> Path:
     return splits[split]
 
 
-def read_splits(data) -> dict[str, tuple[str, list[Record]]]:
+def read_splits(data,
+                features: dict[str, str] | None = None) -> dict[str, tuple[str, list[Record]]]:
     """Every split's name for messages and records, read and validated before any model loads.
 
     `data` is a directory or a .jsonl/.txt file (contract 2), a list of records (dicts in any
     supported format: the training split), or a dict of splits {"train": [...], "valid": ...}.
     """
     if isinstance(data, (str, os.PathLike)):
-        return {split: (path.name, read_records(path))
+        return {split: (path.name, read_records(path, features))
                 for split, path in find_splits(str(data)).items()}
     if isinstance(data, dict):
         unknown = sorted(set(data) - set(SPLITS))
         if unknown or "train" not in data:
             raise UserError(f"data: a dict of splits needs a 'train' key and only "
                             f"{', '.join(SPLITS)} (found: {', '.join(map(str, data)) or 'none'})")
-        return {split: (split, records_from_objects(data[split], split)) for split in SPLITS
-                if split in data}
-    return {"train": ("train", records_from_objects(data, "train"))}
+        return {split: (split, records_from_objects(data[split], split, features))
+                for split in SPLITS if split in data}
+    return {"train": ("train", records_from_objects(data, "train", features))}

@@ -22,22 +22,51 @@ from mlx_lora.errors import UserError
 Span = tuple[int, int]  # [start, end) character offsets in the rendered string
 
 
-def render(record: Record, tokenizer, mask_prompt: bool) -> tuple[list[int], list[bool]]:
-    """Token ids of the whole record and, per token, whether it is a training target."""
+def render(record: Record, tokenizer, mask_prompt: bool,
+           max_tokens: int | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the record and, per token, whether it is a training target.
+
+    max_tokens: the caller keeps only that many tokens, so a long record's text is tokenized
+    only as far as it takes to yield them (its first tokens come out as from the whole text).
+    """
     if record.kind == "chat":
-        return _render_chat(record.messages, record.tools, tokenizer, mask_prompt, record.source)
+        return _render_chat(record.messages, record.tools, tokenizer, mask_prompt, record.source,
+                            max_tokens)
     if record.kind == "completion" and has_chat_template(tokenizer):
         messages = ({"role": "user", "content": record.prompt},
                     {"role": "assistant", "content": record.completion})
-        return _render_chat(messages, record.tools, tokenizer, mask_prompt, record.source)
+        return _render_chat(messages, record.tools, tokenizer, mask_prompt, record.source,
+                            max_tokens)
     if record.kind == "completion" and mask_prompt:
         # No template: plain prompt + completion (the data chooses any separator) + eos.
         text = record.prompt + record.completion
-        ids, flags = _encode_spans(tokenizer, text, [(len(record.prompt), len(text))], True)
+        ids, flags = _encode(tokenizer, text, [(len(record.prompt), len(text))], True,
+                             max_tokens)
         return _with_eos(ids, flags, tokenizer)
     text = record.text if record.kind == "text" else record.prompt + record.completion
-    ids = list(tokenizer.encode(text))  # adds BOS where the tokenizer does
-    return _with_eos(ids, [True] * len(ids), tokenizer)
+    ids, flags = _encode(tokenizer, text, None, True, max_tokens)  # BOS where the model wants
+    return _with_eos(ids, flags, tokenizer)
+
+
+CHARS_PER_TOKEN = 8  # a first guess at how much text max_tokens tokens take; grown if short
+PREFIX_MARGIN = 16  # tokens past max_tokens, so the cut cannot change the tokens kept
+
+
+def _encode(tokenizer, text: str, spans: list[Span] | None, add_special_tokens: bool,
+            max_tokens: int | None) -> tuple[list[int], list[bool]]:
+    """Ids of `text` and their target flags (all True when spans is None), from as much of
+    the text as max_tokens (if given) needs."""
+    budget = len(text) if max_tokens is None else max_tokens * CHARS_PER_TOKEN
+    while True:
+        piece = text[:budget]
+        if spans is None:
+            ids = list(tokenizer.encode(piece, add_special_tokens=add_special_tokens))
+            ids, flags = ids, [True] * len(ids)
+        else:
+            ids, flags = _encode_spans(tokenizer, piece, spans, add_special_tokens)
+        if budget >= len(text) or len(ids) > max_tokens + PREFIX_MARGIN:
+            return ids, flags
+        budget *= 4
 
 
 def _with_eos(ids: list[int], flags: list[bool], tokenizer) -> tuple[list[int], list[bool]]:
@@ -47,7 +76,8 @@ def _with_eos(ids: list[int], flags: list[bool], tokenizer) -> tuple[list[int], 
     return ids, flags
 
 
-def _render_chat(messages, tools, tokenizer, mask_prompt: bool, source: str):
+def _render_chat(messages, tools, tokenizer, mask_prompt: bool, source: str,
+                 max_tokens: int | None):
     messages = list(messages)
     tools = list(tools) if tools else None
     try:
@@ -56,13 +86,11 @@ def _render_chat(messages, tools, tokenizer, mask_prompt: bool, source: str):
         raise UserError(
             f"{source}: the chat template cannot render this conversation ({e})"
         ) from None
-    if not mask_prompt:
-        # The template writes BOS itself where the model wants one.
-        ids = list(tokenizer.encode(full, add_special_tokens=False))
-        return ids, [True] * len(ids)
+    if not mask_prompt:  # the template writes BOS itself where the model wants one
+        return _encode(tokenizer, full, None, False, max_tokens)
     spans = [_assistant_span(tokenizer, messages, tools, full, i, source)
              for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return _encode_spans(tokenizer, full, spans, add_special_tokens=False)
+    return _encode(tokenizer, full, spans, False, max_tokens)
 
 
 # What a template raises for a conversation it rejects (raise_exception, a None content, ...).

@@ -42,11 +42,17 @@ def tokenize_with_stats(
     n_truncated = n_dropped = 0
     for record in records:
         try:
-            ids, flags = render(record, tokenizer, mask_prompt)
+            plain_text = from_plain_text(record)  # chunked whole, not truncated
+            ids, flags = render(record, tokenizer, mask_prompt,
+                                None if plain_text else max_seq_length)
         except UserError as e:  # a template that rejects this record: report them all
             problems.append(str(e))
             continue
-        if from_plain_text(record):
+        except Exception as e:  # the tokenizer's own refusal, whatever its type
+            problems.append(f"{record.source}: the tokenizer cannot encode this record "
+                            f"({type(e).__name__}: {e})")
+            continue
+        if plain_text:
             pieces = _chunks(ids, flags, max_seq_length)
         else:
             n_truncated += len(ids) > max_seq_length

@@ -1,5 +1,6 @@
 """Atomic writes: a temp file in the same directory, then os.replace: a crash tears no file."""
 
+import functools
 import json
 import os
 import tempfile
@@ -20,6 +21,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp's 0600 -> what open() would give
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -30,6 +32,18 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
         ) from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@functools.cache
+def umask() -> int:
+    """The process's file-creation mask (read once; Linux tells it without changing it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then restore
+        os.umask(mask)
+        return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_lora import __version__
@@ -12,6 +11,7 @@ from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats import mlx_lm_adapter, peft_adapter
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+from mlx_lora.formats.output_dir import check_writable, exclusive
 from mlx_lora.formats.run_config import trained_quantization
 
 FORMATS = ("mlx-lm", "peft")
@@ -58,13 +58,15 @@ def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
         raise UserError(f"{save_path}: the same directory as --adapter-path; pick another")
     if source == fmt:
         raise UserError(f"{adapter_dir} is already in {fmt} format")
-    if fmt == "peft":
-        if quantization := trained_quantization(adapter_dir):
-            status(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base (QLoRA); "
-                   "PEFT adds it to whatever base it is loaded onto")
-        mlx_lm_to_peft(adapter_dir, save_path)
-    else:
-        peft_to_mlx_lm(adapter_dir, save_path)
+    check_writable(save_path, "--save-path")
+    with exclusive(save_path, "mlx-lora export"):
+        if fmt == "peft":
+            if quantization := trained_quantization(adapter_dir):
+                status(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base "
+                       "(QLoRA); PEFT adds it to whatever base it is loaded onto")
+            mlx_lm_to_peft(adapter_dir, save_path)
+        else:
+            peft_to_mlx_lm(adapter_dir, save_path)
     return source
 
 
@@ -72,7 +74,7 @@ def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
     """Convert an mlx-lm adapter directory to a PEFT one; no base model needed."""
     config = mlx_lm_adapter.read_adapter_config(adapter_dir)
     source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
-    weights = _read_weights(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
+    weights = mlx_lm_adapter.read_tensors(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
     method, hyper = mlx_lm_adapter.method_and_hyper(config, source)
     paths = peft_adapter.paths_of(weights)
     peft_config = peft_adapter.peft_config(
@@ -112,10 +114,3 @@ def peft_to_mlx_lm(peft_dir: Path, save_path: Path) -> None:
     }
     save_safetensors_atomic(save_path / mlx_lm_adapter.WEIGHTS_FILE, weights)
     write_json_atomic(save_path / mlx_lm_adapter.CONFIG_FILE, adapter_config)
-
-
-def _read_weights(path: Path) -> dict[str, mx.array]:
-    try:
-        return mx.load(str(path))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: cannot read adapter weights ({e})") from None

@@ -56,9 +56,12 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{adapter_dir}: no {CONFIG_FILE}; is this an adapter directory?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object of adapter settings")
+    return config
 
 
 def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper]:
@@ -71,12 +74,13 @@ def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper]:
         params = config["lora_parameters"]
         rank, scale = int(params["rank"]), float(params["scale"])
         dropout = float(params.get("dropout", 0.0))
-    except (KeyError, TypeError, ValueError) as e:
+        hyper = Hyper(rank, float(config.get("alpha", scale * rank)), dropout,
+                      bool(config.get("rslora", False))).checked(source)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"{source}: lora_parameters lacks or mangles {e}") from None
-    hyper = Hyper(rank, float(config.get("alpha", scale * rank)), dropout,
-                  bool(config.get("rslora", False)))
-    if abs(hyper.scale - scale) > 1e-6 * max(1.0, abs(scale)):
-        hyper = Hyper(rank, scale * rank, dropout, False)  # scale is what mlx-lm reads: it wins
+    if not abs(hyper.scale - scale) <= 1e-6 * max(1.0, abs(scale)):
+        # scale is what mlx-lm reads: it wins
+        hyper = Hyper(rank, scale * rank, dropout, False).checked(source)
     return method, hyper
 
 
@@ -109,14 +113,28 @@ def load_adapters(model: nn.Module, adapter_dir: Path) -> AdapterSpec:
     return spec
 
 
-def load_adapter_weights(model: nn.Module, path: Path) -> None:
-    """Load adapter tensors; any unknown, missing or mis-shaped tensor is an error naming it."""
+def read_tensors(path: Path) -> dict[str, mx.array]:
+    """An adapter file's tensors; an unreadable file, or a tensor that is not floating point
+    or holds NaN or infinity, is an error naming it."""
     try:
         weights = mx.load(str(path))
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(
             f"{path}: cannot read adapter weights ({e}); the file is corrupt or missing"
         ) from None
+    for name, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise UserError(f"{path}: tensor '{name}' holds {value.dtype} values, not floating "
+                            "point; this is not an adapter file, or it is damaged")
+        if not mx.all(mx.isfinite(value)).item():
+            raise UserError(f"{path}: tensor '{name}' holds NaN or infinite values; the adapter "
+                            "is unusable (use an earlier checkpoint, or train again)")
+    return weights
+
+
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load adapter tensors; any unknown, missing or mis-shaped tensor is an error naming it."""
+    weights = read_tensors(path)
     expected = adapter_weights(model)
     for name, value in weights.items():
         if name not in expected:

@@ -18,7 +18,7 @@ from mlx_lora.adapters.inject import AdapterSpec, inject
 from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
-from mlx_lora.formats.mlx_lm_adapter import adapter_weights
+from mlx_lora.formats.mlx_lm_adapter import adapter_weights, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -167,10 +167,7 @@ def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
             hint = (" (adapter_model.bin is a pickle, which mlx-lora never loads; re-save it "
                     "with save_pretrained(..., safe_serialization=True))")
         raise UserError(f"{peft_dir}: no {WEIGHTS_FILE}{hint}")
-    try:
-        raw = mx.load(str(weights_path))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{weights_path}: cannot read adapter weights ({e})") from None
+    raw = read_tensors(weights_path)
     return config, method, from_peft_weights(raw, method, str(weights_path))
 
 
@@ -184,7 +181,7 @@ def peft_hyper(config: dict, source: str) -> Hyper:
         raise UserError(
             f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})"
         ) from None
-    return Hyper(rank, alpha, dropout, bool(config.get("use_rslora", False)))
+    return Hyper(rank, alpha, dropout, bool(config.get("use_rslora", False))).checked(source)
 
 
 def paths_of(weights: dict[str, mx.array]) -> list[str]:

@@ -4,11 +4,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 from safetensors import safe_open
@@ -184,6 +186,7 @@ def frozen_base(net: nn.Module, tokenizer, config: dict, path: Path | None, quan
     """A model and tokenizer as a LoadedModel: quantized if asked (and not already), frozen."""
     if not isinstance(tokenizer, TokenizerWrapper):  # a plain Hugging Face tokenizer
         tokenizer = TokenizerWrapper(tokenizer)
+    check_base(net, tokenizer, name)
     quantization = is_quantized(net)
     if quantization is not None:
         quantization = {"mode": "affine", **config.get("quantization", quantization)}
@@ -196,6 +199,28 @@ def frozen_base(net: nn.Module, tokenizer, config: dict, path: Path | None, quan
         config = {**config, "quantization": quantization, "quantization_config": quantization}
     net.freeze()
     return LoadedModel(net, tokenizer, config, path, quantization)
+
+
+def vocab_rows(net: nn.Module) -> int | None:
+    """Rows of the model's input embedding: the ids it can take."""
+    embed = getattr(getattr(net, "model", None), "embed_tokens", None)
+    if isinstance(embed, nn.Module) and "weight" in embed:
+        return int(embed.weight.shape[0])
+    return getattr(getattr(net, "args", None), "vocab_size", None)
+
+
+def check_base(net: nn.Module, tokenizer: TokenizerWrapper, name: str) -> None:
+    """Refuse a base that cannot train: weights holding NaN or infinity, or a tokenizer with
+    ids past the model's embedding. Caught here, not blamed on the learning rate later."""
+    for path, value in tree_flatten(net.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise UserError(f"{name}: weight '{path}' holds NaN or infinite values; the "
+                            "checkpoint is damaged (download or convert it again)")
+    rows, size = vocab_rows(net), len(tokenizer._tokenizer)
+    if rows is not None and size > rows:
+        raise UserError(f"{name}: the tokenizer has {size:,} tokens but the model's embedding "
+                        f"has {rows:,} rows, so ids from {rows:,} up index past it; the "
+                        "tokenizer does not belong to this model")
 
 
 def load_tokenizer_only(model: str, trust_remote_code: bool = False) -> TokenizerWrapper:

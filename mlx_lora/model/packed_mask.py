@@ -12,6 +12,8 @@ alone. `packing_problem` checks exactly that on the model at hand.
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lora.model.load import vocab_rows
+
 
 class SegmentCache:
     """One layer's stand-in cache for a packed batch: no state, the block-diagonal mask."""
@@ -54,7 +56,7 @@ def packing_problem(model: nn.Module) -> str | None:
     models whose call does not take a cache list.
     """
     lengths = (5, 7)
-    vocab = _vocab_size(model)
+    vocab = vocab_rows(model) or 2
     ids = mx.random.randint(0, vocab, (sum(lengths),), key=mx.random.key(0))
     segments = mx.array(sum(([i + 1] * n for i, n in enumerate(lengths)), []))[None]
     was_training = model.training
@@ -75,12 +77,3 @@ def packing_problem(model: nn.Module) -> str | None:
         return (f"packed logits differ from unpacked ones (max difference {diff:.3g} of "
                 f"{scale:.3g}): the model uses absolute positions or ignores the cache's mask")
     return None
-
-
-def _vocab_size(model: nn.Module) -> int:
-    args = getattr(model, "args", None)
-    vocab = getattr(args, "vocab_size", None)
-    if vocab:
-        return int(vocab)
-    return int(model.model.embed_tokens.weight.shape[0])
-

@@ -7,8 +7,11 @@ from mlx_lora.console import status
 from mlx_lora.errors import UserError
 
 
-def quantize_base(model: nn.Module, bits: int, group_size: int) -> dict:
+def quantize_base(model: nn.Module, bits: int, group_size: int,
+                  skip: frozenset | set = frozenset()) -> dict:
     """Quantize the base in place (affine); return the quantization config in mlx-lm's form.
+
+    Layers whose paths are in `skip` are left as they are, for the caller to decide.
 
     The dict is what mlx-lm writes to config.json as "quantization": {group_size, bits, mode}
     plus one entry per layer left in float, `"<path>": False`. mlx-lm's load_model returns
@@ -19,7 +22,7 @@ def quantize_base(model: nn.Module, bits: int, group_size: int) -> dict:
     quantized, too_narrow, excluded, per_path = [], [], [], {}
 
     def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):  # not quantizable, or quantized already
+        if path in skip or not hasattr(module, "to_quantized"):  # skipped, or not quantizable
             return False
         width = module.weight.shape[-1]
         if width % group_size:

@@ -37,29 +37,38 @@ _exp = mx.exp if sys.platform == "darwin" else _exp_cpu
 
 
 def chunked_ce(split: Split, hidden: mx.array, targets: mx.array, weights: mx.array,
-               with_grad: bool) -> mx.array:
-    """Per position, weight * cross-entropy of head(hidden) against targets: (P,) float32.
+               with_grad: bool, per_position: bool = False) -> mx.array:
+    """Sum over positions of weight * cross-entropy of head(hidden) against targets.
 
-    hidden (P, H), targets (P,) int32, weights (P,) float32. Summed, it is SFT's loss;
-    summed per sequence, a sequence's negative log-probability. with_grad picks the chunk
-    function whose vjp is cheapest: the fused one when the head is frozen.
+    hidden (P, H), targets (P,) int32, weights (P,) float32. per_position=True returns the
+    (P,) terms instead (summed per sequence: a sequence's negative log-probability, as
+    preference losses need). SFT takes the sum, whose graph keeps the least alive (measured:
+    one chunk's logits less at peak than summing the per-position terms afterwards).
+    with_grad picks the chunk function whose vjp is cheapest: the fused one when the head is
+    frozen.
     """
     n = hidden.shape[0]
     size = chunk_size(split.vocab_size)
     if not with_grad:
-        chunk = _chunk_ce(split)
+        chunk = _chunk_ce(split, per_position)
     elif split.frozen:
-        chunk = _fused_chunk_ce(split)
+        chunk = _fused_chunk_ce(split, per_position)
     else:  # a trained head needs its own gradients: recompute each chunk's logits instead
-        chunk = _checkpointed_chunk_ce(split)
-    values = []
+        chunk = _checkpointed_chunk_ce(split, per_position)
+    values, total = [], mx.array(0.0)
     for start in range(0, n, size):  # static bounds: P is fixed per shape
         h = hidden[start:start + size]
-        if values:
+        if start:
             # Left alone, MLX schedules the chunks side by side and every chunk's logits are
             # alive at once; this orders them, so each chunk's logits die before the next.
-            h = mx.depends(h, values[-1])
-        values.append(chunk(h, targets[start:start + size], weights[start:start + size]))
+            h = mx.depends(h, values[-1] if per_position else total)
+        value = chunk(h, targets[start:start + size], weights[start:start + size])
+        if per_position:
+            values.append(value)
+        else:
+            total = total + value
+    if not per_position:
+        return total
     return values[0] if len(values) == 1 else mx.concatenate(values)
 
 
@@ -71,18 +80,19 @@ def _log_sum_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return (top + mx.log(s))[:, 0], e, s
 
 
-def _chunk_ce(split: Split):
+def _chunk_ce(split: Split, per_position: bool):
     def chunk(h, t, w):
         logits = split.head(h).astype(mx.float32)  # (C, V)
         lse, _, _ = _log_sum_exp(logits)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return (lse - picked) * w
+        terms = (lse - picked) * w  # (C,)
+        return terms if per_position else terms.sum()
 
     return chunk
 
 
-def _checkpointed_chunk_ce(split: Split):
-    plain = _chunk_ce(split)
+def _checkpointed_chunk_ce(split: Split, per_position: bool):
+    plain = _chunk_ce(split, per_position)
 
     def chunk(h, t, w):
         # The head's parameters go in as arguments so their gradients flow through the
@@ -96,15 +106,16 @@ def _checkpointed_chunk_ce(split: Split):
     return chunk
 
 
-def _fused_chunk_ce(split: Split):
-    """A chunk's losses whose forward pass also makes d loss / d h, so backward is a multiply."""
+def _fused_chunk_ce(split: Split, per_position: bool):
+    """A chunk's loss whose forward pass also makes d loss / d h, so backward is a multiply."""
 
     @mx.custom_function
     def chunk(h, t, w):
         logits = split.head(h).astype(mx.float32)  # (C, V)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         lse, e, s = _log_sum_exp(logits)
-        ce = (lse - picked) * w  # (C,)
+        terms = (lse - picked) * w  # (C,)
+        ce = terms if per_position else terms.sum()
         # d ce_i / d logits_i = w_i * (softmax_i - onehot_i); through the head, d ce_i / d h_i.
         scale = (w / s[:, 0])[:, None]
         if split.weight is not None:  # head(h) = h @ W.T: the onehot part is a row gather
@@ -119,8 +130,9 @@ def _fused_chunk_ce(split: Split):
     @chunk.vjp
     def chunk_vjp(primals, cotangents, outputs):
         _, t, w = primals
-        # Each position's loss depends on its own hidden state only: a row-wise scale.
-        return cotangents[0][:, None] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+        # Each position's term depends on its own hidden state only: a row-wise scale.
+        scale = cotangents[0][:, None] if per_position else cotangents[0]
+        return scale * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
 
     def ce_only(h, t, w):
         ce, grad_h = chunk(h, t, w)

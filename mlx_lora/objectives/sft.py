@@ -29,16 +29,18 @@ def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, loss_mask: 
 
 
 def token_ce(model: nn.Module, split: Split | None, with_grad: bool, inputs, segments,
-             positions, targets, weights) -> mx.array:
-    """Per loss position, weight * cross-entropy: (P,). Chunked through the head when split."""
+             positions, targets, weights, per_position: bool = False) -> mx.array:
+    """Sum over loss positions of weight * cross-entropy (per position (P,) with per_position),
+    chunked through the head when the model splits."""
     cache = None if segments is None else segment_caches(model, segments)
     if split is None:
         logits = model(inputs, cache=cache)  # (B, L, V)
         picked = logits.reshape(-1, logits.shape[-1])[positions]  # (P, V)
-        return nn.losses.cross_entropy(picked.astype(mx.float32), targets) * weights
+        terms = nn.losses.cross_entropy(picked.astype(mx.float32), targets) * weights
+        return terms if per_position else terms.sum()
     hidden = split.backbone(inputs, cache)  # (B, L, H)
     hidden = hidden.reshape(-1, hidden.shape[-1])[positions]  # (P, H)
-    return chunked_ce(split, hidden, targets, weights, with_grad)
+    return chunked_ce(split, hidden, targets, weights, with_grad, per_position)
 
 
 def make_loss(model: nn.Module, split: Split | None, with_grad: bool) -> LossFn:
@@ -49,8 +51,8 @@ def make_loss(model: nn.Module, split: Split | None, with_grad: bool) -> LossFn:
     """
 
     def loss(inputs, segments, positions, targets, weights):
-        ce = token_ce(model, split, with_grad, inputs, segments, positions, targets, weights)
-        return ce.sum(), {}
+        return token_ce(model, split, with_grad, inputs, segments, positions, targets,
+                        weights), {}
 
     return loss
 

@@ -7,6 +7,7 @@ leaves either the whole checkpoint or none; resume picks the newest complete one
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +18,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
-from mlx_lora.formats.mlx_lm_adapter import adapter_weights, load_adapter_weights
+from mlx_lora.formats.mlx_lm_adapter import WEIGHTS_FILE, load_adapter_weights
 
 CHECKPOINTS = "checkpoints"
-ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
@@ -37,18 +37,23 @@ class Position:
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
+    lowest_loss: float | None = None  # the lowest reported training loss so far
 
 
-def save_checkpoint(adapter_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
-                    position: Position, keep: int) -> Path:
-    """Write a complete checkpoint for `position` and drop all but the newest `keep`."""
+def save_checkpoint(adapter_dir: Path, save_adapters: Callable[[Path], None],
+                    optimizer: optim.Optimizer, position: Position, keep: int) -> Path:
+    """Write a complete checkpoint for `position` and drop all but the newest `keep`.
+
+    save_adapters(dir) writes the adapters and their config, so a checkpoint is also an
+    adapter directory that mlx-lm and mlx-lora load.
+    """
     root = Path(adapter_dir) / CHECKPOINTS
     final = root / f"step-{position.step:08d}"
     tmp = root / f".tmp-step-{position.step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_safetensors_atomic(tmp / ADAPTERS, adapter_weights(model))
+        save_adapters(tmp)
         state = dict(tree_flatten(optimizer.state))
         state["__random_state__"] = mx.random.state[0]
         save_safetensors_atomic(tmp / OPTIMIZER, state)
@@ -82,7 +87,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
         raise UserError(
             f"{path}: cannot read checkpoint ({e}); delete it to use an older one"
         ) from None
-    load_adapter_weights(model, path / ADAPTERS)
+    load_adapter_weights(model, path / WEIGHTS_FILE)
     high, low = state.pop("__random_state__").tolist()
     mx.random.seed((high << 32) | low)  # sets the key to exactly [high, low]
     optimizer.state = tree_unflatten(list(state.items()))

@@ -35,6 +35,7 @@ class Trainee:
     split: Split | None  # the model's backbone/head split from the run's probe
     pack: bool  # the run's packing decision
     report: RunReport
+    vocab_size: int | None  # for telling a diverged, uniform output from a loss still falling
 
 
 def total_steps(config: TrainConfig, n_examples: int) -> int:
@@ -75,6 +76,9 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
                 position.epoch, position.cursor = micro[-1][0], micro[-1][1]
                 position.trained_tokens += units
                 position.elapsed_s = time.perf_counter() - started
+                if config.clear_cache_threshold and (
+                        mx.get_cache_memory() > config.clear_cache_threshold):
+                    mx.clear_cache()
                 padding = sum(padding_fraction(b) for _, _, b in micro) / len(micro)
                 window.add(loss, units, padding, stats)
                 if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
@@ -120,6 +124,22 @@ def _diverged(step: int, what: str) -> str:
             "The last good checkpoint is intact; --resume continues from it")
 
 
+def _check_not_uniform(loss: float, position: Position, vocab_size: int | None) -> None:
+    """A loss that came down and went back to ln(vocab) means uniform output: divergence,
+    though every number is finite."""
+    lowest = loss if position.lowest_loss is None else min(position.lowest_loss, loss)
+    position.lowest_loss = lowest
+    if not vocab_size:
+        return
+    uniform = math.log(vocab_size)
+    if lowest < 0.9 * uniform and abs(loss - uniform) < 0.02 * uniform:
+        raise TrainingDiverged(
+            f"step {position.step}: the training loss went from {lowest:.3f} back to "
+            f"{loss:.3f}, which is ln(vocabulary {vocab_size:,}): the model now predicts every "
+            "token as equally likely, so training diverged; try a 10x lower learning rate or "
+            "--max-grad-norm 1.0. The last good checkpoint is intact; --resume continues from it")
+
+
 def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
                   position: Position, steps: int, window: Window) -> bool:
     """Report, validate and save as scheduled; True when early stopping ends the run."""
@@ -129,6 +149,7 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
         summary = window.summary()
         memory = round(peak_memory_gb(), 4)
         report.show(step, summary["loss"], summary["tokens_per_sec"], memory)
+        _check_not_uniform(summary["loss"], position, trainee.vocab_size)
         report.event({
             "event": "train", "step": step, "epoch": position.epoch, **summary,
             "learning_rate": optimizer.learning_rate.item(),

@@ -5,7 +5,6 @@ Only a writing process (rank 0 of several) touches files or the console; that is
 and nowhere else. Every event goes to metrics.jsonl and to the callback as the same dict.
 """
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,19 +13,24 @@ import mlx.optimizers as optim
 
 from mlx_lora.adapters.inject import AdapterSpec
 from mlx_lora.console import status
+from mlx_lora.formats.atomic import write_text_atomic
 from mlx_lora.formats.metrics import (
     METRICS_FILE,
     append_metrics,
     read_metrics,
     truncate_metrics,
 )
-from mlx_lora.formats.mlx_lm_adapter import save_adapters
-from mlx_lora.formats.run_config import write_run_config
-from mlx_lora.plot import plot_run
-from mlx_lora.train.checkpoint import CHECKPOINTS, Position, save_checkpoint
+from mlx_lora.formats.mlx_lm_adapter import CONFIG_FILE, WEIGHTS_FILE, save_adapters
+from mlx_lora.formats.output_dir import MARKER, is_ours, remove_our_files
+from mlx_lora.formats.run_config import RUN_CONFIG_FILE, write_run_config
+from mlx_lora.plot import PLOT_FILE, plot_run
+from mlx_lora.train.checkpoint import CHECKPOINTS, STATE, Position, save_checkpoint
 from mlx_lora.train.progress import ProgressBar
 
 BEST_DIR = "best"
+# What a run writes at the top of its directory; a fresh run deletes these (only in a
+# directory of ours) and, under checkpoints/ and best/, only what it writes there.
+RUN_FILES = (METRICS_FILE, RUN_CONFIG_FILE, PLOT_FILE, WEIGHTS_FILE, CONFIG_FILE)
 Callback = Callable[[dict], None]
 
 
@@ -66,9 +70,10 @@ class RunReport:
             return
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         if position.step == 0:
-            (self.adapter_dir / METRICS_FILE).unlink(missing_ok=True)
-            for name in (CHECKPOINTS, BEST_DIR):
-                shutil.rmtree(self.adapter_dir / name, ignore_errors=True)
+            if is_ours(self.adapter_dir):
+                remove_our_files(self.adapter_dir, RUN_FILES,
+                                 {CHECKPOINTS: STATE, BEST_DIR: CONFIG_FILE})
+            write_text_atomic(self.adapter_dir / MARKER, "a run of mlx-lora writes here\n")
         else:
             truncate_metrics(self.adapter_dir, position.step)
             self.latest = {r["event"]: r for r in read_metrics(self.adapter_dir)}
@@ -105,7 +110,9 @@ class RunReport:
         """Resume state for `position`; returns where it is (or would be, on other ranks)."""
         if not self.writes:
             return self.adapter_dir / CHECKPOINTS
-        return save_checkpoint(self.adapter_dir, model, optimizer, position, keep)
+        return save_checkpoint(
+            self.adapter_dir, lambda d: save_adapters(d, model, self.spec, self.base_model),
+            optimizer, position, keep)
 
     def done(self, position: Position) -> None:
         """The final metrics line, from the run's own state, and the loss plot."""

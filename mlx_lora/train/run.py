@@ -1,6 +1,7 @@
 """A training run from a resolved config: read data, load, adapt, decide, resume, fit, save."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,21 +10,30 @@ import mlx.nn as nn
 
 from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
 from mlx_lora.adapters.protocol import Hyper
-from mlx_lora.config import TrainConfig, to_dict
+from mlx_lora.config import TrainConfig, features, to_dict
 from mlx_lora.data.packing import decide_packing, positions
 from mlx_lora.data.sources import read_splits
 from mlx_lora.errors import UserError
-from mlx_lora.formats.metrics import METRICS_FILE
-from mlx_lora.formats.run_config import RUN_CONFIG_FILE
+from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
+from mlx_lora.formats.output_dir import check_writable, claim_run_dir, exclusive
 from mlx_lora.model.blas import slow_blas_warning
-from mlx_lora.model.load import LoadedModel, frozen_base, load_base, load_tokenizer_only
+from mlx_lora.model.load import (
+    LoadedModel,
+    frozen_base,
+    load_base,
+    load_tokenizer_only,
+    vocab_rows,
+)
 from mlx_lora.model.probe import probe_model
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
 from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, load_checkpoint
+from mlx_lora.train.checks import check_resume, check_template, warnings
 from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
+from mlx_lora.train.step import make_eval_step
+from mlx_lora.train.validation import evaluate_loss
 
 
 @dataclass(frozen=True)
@@ -38,20 +48,6 @@ class TrainResult:
     loaded: LoadedModel  # the base with the trained adapters in, for evaluation and generation
 
 
-def check_adapter_dir(adapter_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory unless told to resume or overwrite."""
-    if not adapter_dir.exists():
-        return
-    if not adapter_dir.is_dir():
-        raise UserError(f"{adapter_dir}: is not a directory; pick another --adapter-path")
-    ours = [adapter_dir / METRICS_FILE, adapter_dir / RUN_CONFIG_FILE, adapter_dir / CHECKPOINTS]
-    if any(p.exists() for p in ours) and not (resume or overwrite):
-        raise UserError(
-            f"{adapter_dir}: holds another run's files; pass --resume to continue it, "
-            "--overwrite to replace it, or pick another --adapter-path"
-        )
-
-
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *, data=None,
           base: tuple | None = None, callback: Callback | None = None, stop=None) -> TrainResult:
     """Run training as `config` says.
@@ -61,22 +57,40 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
     event as a dict; stop: a threading.Event that ends training after the current step,
     with a checkpoint saved, as Ctrl-C does.
     """
+    check_writable(config.adapter_path, "--adapter-path")
     adapter_dir = Path(config.adapter_path)
-    check_adapter_dir(adapter_dir, resume, overwrite)
+    with exclusive(adapter_dir, "mlx-lora train"):
+        claim_run_dir(adapter_dir, resume, overwrite)
+        if resume:
+            check_resume(adapter_dir, config)
+        return _train(config, resume, data, base, callback, stop)
+
+
+def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
+           callback: Callback | None, stop) -> TrainResult:
+    adapter_dir = Path(config.adapter_path)
     report = RunReport(adapter_dir, config.model, callback)
     if warning := slow_blas_warning():
         report.say(warning)
     objective = OBJECTIVES["sft"]
-    splits = read_splits(config.data if data is None else data)
+    splits = read_splits(config.data if data is None else data, features(config))
+    if config.test and "test" not in splits:
+        raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
     given = frozen_base(*base, {}, None, config.quantize, config.group_size,
                         "the given model") if base else None
     tokenizer = given.tokenizer if given else load_tokenizer_only(config.model,
                                                                    config.trust_remote_code)
-    examples = {split: objective.examples(records, tokenizer, config, name)
-                for split, (name, records) in splits.items() if split in ("train", "valid")}
+    records = [r for _, split_records in splits.values() for r in split_records]
+    check_template(tokenizer, records, config.model)
+    wanted = ("train", "valid", "test") if config.test else ("train", "valid")
+    examples = {split: objective.examples(split_records, tokenizer, config, name)
+                for split, (name, split_records) in splits.items() if split in wanted}
     loaded = given or load_base(config.model, quantize=config.quantize,
                                 group_size=config.group_size,
                                 trust_remote_code=config.trust_remote_code, tokenizer=tokenizer)
+    context = getattr(getattr(loaded.model, "args", None), "max_position_embeddings", None)
+    for line in warnings(config, tokenizer, records, context):
+        report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
     steps = total_steps(config, len(train_set))
@@ -92,6 +106,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
                          position.best_step, loaded)
     if finished:
         _finish(trainee, config, position, bool(valid_set))
+        if config.test:
+            _test(trainee, config, examples["test"])
     return result
 
 
@@ -103,6 +119,9 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     spec = make_spec(model, config.fine_tune_type, config.targets, config.num_layers, hyper)
     inject(model, spec)
     report.spec = spec
+    if config.resume_adapter_file:
+        load_adapter_weights(model, Path(config.resume_adapter_file))
+        report.say(f"starting from the adapter weights in {config.resume_adapter_file}")
     probe = probe_model(model, packing=config.pack)
     if note := probe.loss_note():
         report.say(note)
@@ -115,7 +134,7 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     trainable, total = parameter_counts(model)
     report.say(f"trainable parameters: {trainable:,} of {total:,} "
                f"({100 * trainable / total:.3f}%) in {len(spec.paths)} adapted layers")
-    return Trainee(model, objective, probe.split, pack, report), config
+    return Trainee(model, objective, probe.split, pack, report, vocab_rows(model)), config
 
 
 def _finish(trainee: Trainee, config: TrainConfig, position: Position, validated: bool) -> None:
@@ -126,6 +145,16 @@ def _finish(trainee: Trainee, config: TrainConfig, position: Position, validated
     if validated and config.keep_best:
         report.say(f"the best adapters (validation loss {position.best_val_loss:.4f} at step "
                    f"{position.best_step}) are in {report.adapter_dir / BEST_DIR}")
+
+
+def _test(trainee: Trainee, config: TrainConfig, test_set: list) -> None:
+    """--test: the loss on the test split after training, as mlx-lm's lora --test reports it."""
+    model, objective = trainee.model, trainee.objective
+    eval_step = make_eval_step(model, objective.make_loss(model, trainee.split, with_grad=False))
+    model.eval()
+    loss = evaluate_loss(objective, eval_step, test_set,
+                         dataclasses.replace(config, val_batches=config.test_batches))
+    trainee.report.say(f"test loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.3f}")
 
 
 def _start_position(adapter_dir: Path, model, optimizer, resume: bool,

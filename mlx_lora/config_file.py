@@ -1,0 +1,172 @@
+"""--config files (YAML or JSON) into TrainConfig keys; mlx-lm's lora YAML keys translated.
+
+Every key is honoured or refused in one line naming it: nothing a user wrote is ignored.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_lora.config import FIELDS, unknown_key
+from mlx_lora.console import status
+from mlx_lora.errors import UserError
+
+# mlx-lm's schedule names -> ours, and where its arguments go in our keys.
+MLX_LM_SCHEDULES = {
+    "cosine_decay": ("cosine", ("learning_rate", "decay_steps", "end_learning_rate")),
+    "linear_schedule": ("linear", ("learning_rate", "end_learning_rate", "decay_steps")),
+}
+ADAM_KEYS = {"betas": ("adam_beta1", "adam_beta2"), "eps": "adam_epsilon",
+             "weight_decay": "weight_decay", "bias_correction": "bias_correction"}
+# mlx-lm keys for features mlx-lora does not have yet: fine when empty, refused when set.
+NOT_YET = {
+    "wandb": "experiment logging", "report_to": "experiment logging",
+    "project_name": "experiment logging", "hf_dataset": "Hugging Face data sets (save it as "
+    "JSONL with `datasets` and pass --data)",
+}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that states a key twice."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_object(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if duplicate := next((k for k in keys if keys.count(k) > 1), None):
+        raise ValueError(f"duplicate key '{duplicate}'")
+    return dict(pairs)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON config into TrainConfig keys, translating mlx-lm's lora keys."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({e})") from None
+    try:
+        raw = (json.loads(text, object_pairs_hook=_unique_json_object) if path.endswith(".json")
+               else yaml.load(text, Loader=_UniqueKeyLoader))  # noqa: S506 (a SafeLoader)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # a duplicate JSON key
+        raise UserError(f"{path}: {e}; state each key once") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(
+            f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config file must be a mapping of keys to values")
+    return _translate_mlx_lm_keys(raw, path)
+
+
+def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
+    raw = {str(key).replace("-", "_"): value for key, value in raw.items()}
+    values = {}
+    for key, value in raw.items():
+        if key == "config" or (key == "train" and value is True):
+            continue  # the file's own path; mlx-lm's "do train", which is what train does
+        if key == "train":
+            raise UserError(f"{path}: train: {value!r} asks mlx-lm not to train; mlx-lora train "
+                            "always trains (for a test-only run use mlx-lora eval)")
+        if key in NOT_YET:
+            if value not in (None, "", [], {}):
+                raise UserError(f"{path}: '{key}' is set, but mlx-lora has no {NOT_YET[key]} "
+                                "yet; remove the key")
+        elif key == "lora_parameters":
+            values.update(_lora_parameters(value, path))
+        elif key == "lr_schedule" and isinstance(value, dict):
+            values.update(_mlx_lm_schedule(value, path))
+        elif key == "optimizer_config":
+            values.update(_optimizer_config(value, raw.get("optimizer"), path))
+        elif key in FIELDS:
+            values[key] = value
+        else:
+            raise UserError(f"{path}: {unknown_key(key)}")
+    return values
+
+
+def _lora_parameters(params: Any, path: str) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: lora_parameters must be a mapping (rank, scale, dropout, keys)")
+    values = {}
+    for key in params:
+        if key not in ("rank", "scale", "alpha", "dropout", "keys"):
+            raise UserError(f"{path}: unknown key 'lora_parameters.{key}'")
+    if "rank" in params:
+        values["rank"] = params["rank"]
+    if "dropout" in params:
+        values["dropout"] = params["dropout"]
+    if "alpha" in params:
+        values["alpha"] = params["alpha"]
+    elif "scale" in params:
+        # mlx-lm stores the scale itself; alpha = scale * rank gives it back.
+        values["alpha"] = float(params["scale"]) * int(params.get("rank", FIELDS["rank"].default))
+    if params.get("keys"):
+        values["targets"] = ",".join(params["keys"])
+    return values
+
+
+def _mlx_lm_schedule(schedule: dict, path: str) -> dict[str, Any]:
+    for key in schedule:
+        if key not in ("name", "arguments", "warmup", "warmup_init"):
+            raise UserError(f"{path}: unknown key 'lr_schedule.{key}'")
+    name = schedule.get("name")
+    if name not in MLX_LM_SCHEDULES:
+        raise UserError(
+            f"{path}: lr_schedule.name '{name}' is not supported "
+            f"(use one of {', '.join(MLX_LM_SCHEDULES)}, or lr_schedule: constant|cosine|linear)"
+        )
+    ours, argument_keys = MLX_LM_SCHEDULES[name]
+    arguments = schedule.get("arguments") or []
+    if not isinstance(arguments, list) or len(arguments) > len(argument_keys):
+        raise UserError(f"{path}: lr_schedule.arguments of {name} are "
+                        f"[{', '.join(argument_keys)}] (at most {len(argument_keys)} values)")
+    values = {"lr_schedule": ours, **dict(zip(argument_keys, arguments, strict=False))}
+    for key in ("warmup", "warmup_init"):
+        if schedule.get(key) is not None:
+            values[key] = schedule[key]
+    return values
+
+
+def _optimizer_config(config: Any, optimizer: str | None, path: str) -> dict[str, Any]:
+    """The chosen Adam's settings from mlx-lm's optimizer_config; others are said, not used."""
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: optimizer_config must be a mapping of optimizer names")
+    chosen = optimizer or ("adam" if config.get("adam") and not config.get("adamw") else "adamw")
+    values = {}
+    for name, settings in config.items():
+        if not settings:
+            continue
+        if name != chosen:
+            status(f"note: {path}: optimizer_config.{name} is not used (the optimizer is "
+                   f"{chosen})")
+            continue
+        if not isinstance(settings, dict):
+            raise UserError(f"{path}: optimizer_config.{name} must be a mapping")
+        for key, value in settings.items():
+            if key not in ADAM_KEYS:
+                raise UserError(f"{path}: unknown key 'optimizer_config.{name}.{key}' "
+                                f"(known: {', '.join(ADAM_KEYS)})")
+            if key == "betas":
+                if not isinstance(value, list) or len(value) != 2:
+                    raise UserError(f"{path}: optimizer_config.{name}.betas must be [b1, b2]")
+                values.update(zip(ADAM_KEYS["betas"], value, strict=True))
+            else:
+                values[ADAM_KEYS[key]] = value
+    return values

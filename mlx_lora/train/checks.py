@@ -1,0 +1,73 @@
+"""What a run checks before it loads any weights: a resume's settings, the chat template, and
+the settings that deserve a warning."""
+
+from pathlib import Path
+
+from jinja2 import TemplateSyntaxError
+
+from mlx_lora.config import TrainConfig, to_dict
+from mlx_lora.data.records import Record, has_chat_template
+from mlx_lora.errors import UserError
+from mlx_lora.formats.run_config import RUN_CONFIG_FILE, read_run_config
+
+# Settings a resumed run must share with the run it continues: they define the adapters, the
+# data and the batches; the rest (iters, learning-rate schedule, cadence) may change.
+RESUME_KEYS = ("model", "data", "fine_tune_type", "rank", "alpha", "rslora", "dropout", "targets",
+               "num_layers", "quantize", "group_size", "mask_prompt", "max_seq_length",
+               "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
+               "completion_feature", "text_feature", "chat_feature")
+PROBE_ANSWER = "mlx-lora-probe-answer"
+
+
+def check_resume(adapter_dir: Path, config: TrainConfig) -> None:
+    """Refuse a --resume whose settings differ from the run it continues, naming them."""
+    previous = read_run_config(adapter_dir)
+    if previous is None:
+        return
+    now = to_dict(config)
+    changed = [f"{key} {previous[key]!r} -> {now[key]!r}" for key in RESUME_KEYS
+               if key in previous and previous[key] != now[key]]
+    if changed:
+        raise UserError(
+            f"{adapter_dir}: --resume continues a run with other settings ({'; '.join(changed)} "
+            f"against its {RUN_CONFIG_FILE}); use that run's settings, or start a new run in "
+            "another --adapter-path (or here with --overwrite)")
+
+
+def check_template(tokenizer, records: list[Record], model: str) -> None:
+    """Refuse a chat template with a syntax error, or one that drops assistant turns."""
+    if not any(r.kind in ("chat", "completion") for r in records):
+        return
+    if not has_chat_template(tokenizer):
+        return
+    messages = [{"role": "user", "content": "Say the word."},
+                {"role": "assistant", "content": PROBE_ANSWER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{model}: the chat template (chat_template.jinja or tokenizer_config."
+                        f"json) has a syntax error at its line {e.lineno}: {e.message}") from None
+    except Exception:  # noqa: BLE001 (a template may refuse this probe; the records tell more)
+        return
+    if PROBE_ANSWER not in text:
+        raise UserError(f"{model}: the chat template drops assistant turns (a probe answer does "
+                        "not appear in its output), so training would learn from the wrong "
+                        "text; use the model's own template or an instruct model")
+
+
+def warnings(config: TrainConfig, tokenizer, records: list[Record],
+             context_length: int | None) -> list[str]:
+    """One line for each setting that trains, but probably not as the user meant."""
+    lines = []
+    if tokenizer.eos_token_id is None:
+        lines.append("warning: the tokenizer has no end-of-sequence token, so the model will "
+                     "not learn where an answer ends")
+    if any(r.kind == "completion" for r in records) and not has_chat_template(tokenizer):
+        lines.append("warning: the tokenizer has no chat template, so each prompt and "
+                     "completion are joined with nothing between them; end the prompts with a "
+                     "separator (a newline, say) or use an instruct model")
+    if context_length and config.max_seq_length > context_length:
+        lines.append(f"warning: --max-seq-length {config.max_seq_length} is beyond the "
+                     f"model's context of {context_length} tokens; longer records will train "
+                     "positions the model has never seen")
+    return lines
