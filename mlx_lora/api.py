@@ -53,8 +53,8 @@ class Finetune:
         self._base = model if isinstance(model, tuple) else None
         self._records = None if data is None or isinstance(data, (str, os.PathLike)) else data
         self._no_adapter = "adapter_path" in options and options["adapter_path"] is None
-        names = {"model": GIVEN_MODEL if self._base else model,
-                 "data": GIVEN_DATA if self._records is not None else data}
+        names = {"model": GIVEN_MODEL if self._base else _text(model),
+                 "data": GIVEN_DATA if self._records is not None else _text(data)}
         file_values = read_config_file(config) if config else {}
         self.config = build_config(file_values, {**options, **names},
                                    config or "Finetune()")
@@ -119,3 +119,8 @@ class Finetune:
         if split not in splits:
             raise UserError(f"data: no '{split}' split (it has: {', '.join(sorted(splits))})")
         return splits[split]
+
+
+def _text(value):
+    """A path given as a Path, as the string the config holds; anything else as it is."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value

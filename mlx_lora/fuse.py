@@ -7,9 +7,6 @@ adapted layer is kept at the first of (the base's bits, 8 bits, float) at which 
 survives: ||saved - base - delta|| / ||delta|| <= tolerance.
 """
 
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
-from mlx_lm.utils import dequantize_model, save_config, save_model
+from mlx_lm.utils import dequantize_model
 
 from mlx_lora.adapters.inject import adapter_layers
 from mlx_lora.adapters.lora import dequantized_weight
@@ -25,20 +22,14 @@ from mlx_lora.config import FuseConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import load_any_adapter
-from mlx_lora.formats.output_dir import check_writable, exclusive
+from mlx_lora.formats.model_dir import check_save_path, remove_stale_partials, write_model_dir
+from mlx_lora.formats.output_dir import exclusive
 from mlx_lora.model.adapted import load_base_for
 from mlx_lora.model.quantize import quantize_base
 
 FUSE = FuseConfig()
 PROBE_TEXT = "Once upon a time, the quick brown fox jumped over the lazy dog. 1 2 3"
 PROBE_TOKENS = 16
-# What mlx_lm.load and transformers read besides the weights and config.json (a model's
-# own code too, as mlx-lm's save copies it; it runs only where the user trusts it).
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
-                   "merges.txt", "*.tiktoken", "tiktoken.model", "chat_template*", "*.jinja",
-                   "generation_config.json", "*.py")
-
-
 @dataclass(frozen=True)
 class LayerChoice:
     """How one adapted layer was saved, and how much of its update that keeps."""
@@ -200,7 +191,7 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
         raise UserError("--dequantize and --quantize exclude each other; pick one")
     save_path = Path(save_path)
     local = [Path(model)] if Path(model).exists() else []  # a Hub id resolves on load
-    _check_save_path(save_path, [Path(adapter_path), *local], overwrite)
+    check_save_path(save_path, [Path(adapter_path), *local], overwrite)
     with exclusive(save_path, "mlx-lora fuse"):
         remove_stale_partials(save_path)
         result = _fuse(model, adapter_path, save_path, dequantize, quantize, group_size,
@@ -209,18 +200,11 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
     return result
 
 
-def remove_stale_partials(save_path: Path) -> None:
-    """Remove what a killed fuse of this path left beside it (we hold its lock: none is live)."""
-    for pattern in (f".{save_path.name}.partial-*", f".{save_path.name}.old-*"):
-        for stale in save_path.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def _fuse(model: str, adapter_path: str, save_path: Path, dequantize: bool, quantize: int,
           group_size: int, tolerance: float, overwrite: bool,
           trust_remote_code: bool) -> FuseResult:
     loaded = load_base_for(model, adapter_path, trust_remote_code)
-    _check_save_path(save_path, [loaded.model_path], overwrite)
+    check_save_path(save_path, [loaded.model_path], overwrite)
     net = loaded.model
     probe = list(loaded.tokenizer.encode(PROBE_TEXT))[:PROBE_TOKENS] or [0]
     base_logits = probe_logits(net, probe)
@@ -261,53 +245,3 @@ def report(result: FuseResult, tolerance: float) -> None:
     if result.max_logit_diff > result.bound:
         hint = "; --dequantize keeps the update exactly" if naive else ""
         status(f"warning: that is more than {tolerance:g} of the adapter's effect{hint}")
-
-
-def _check_save_path(save_path: Path, protected: list[Path], overwrite: bool) -> None:
-    check_writable(save_path, "--save-path")
-    target = save_path.resolve()
-    for path in protected:
-        path = Path(path).resolve()
-        if target == path or target in path.parents or path in target.parents:
-            raise UserError(f"--save-path {save_path} overlaps {path}; pick a separate directory")
-    if save_path.is_file():
-        raise UserError(f"--save-path {save_path} is a file; pick a directory")
-    if save_path.is_dir() and any(save_path.iterdir()) and not overwrite:
-        raise UserError(f"--save-path {save_path} exists and is not empty; "
-                        "pass --overwrite to replace it")
-
-
-def write_model_dir(save_path: Path, model: nn.Module, config: dict, source: Path,
-                    overwrite: bool) -> None:
-    """Write weights, config and tokenizer files beside save_path, then move them into place."""
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save_path.parent / f".{save_path.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_model(tmp, model)
-        save_config(dict(config), tmp / "config.json")
-        for pattern in TOKENIZER_FILES:
-            for file in Path(source).glob(pattern):
-                if file.is_file():
-                    shutil.copy2(file, tmp / file.name)
-        _move_into_place(tmp, save_path, overwrite)
-    except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write the fused model to {save_path} ({e}); nothing was "
-                        "left behind: free disk space (or fix permissions) and rerun") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, save_path: Path, overwrite: bool) -> None:
-    # A directory rename is atomic: save_path is either the old one or the whole new one.
-    if not save_path.exists():
-        os.rename(tmp, save_path)
-        return
-    if any(save_path.iterdir()) and not overwrite:
-        raise UserError(f"--save-path {save_path} appeared while fusing; pass --overwrite")
-    old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
-    os.rename(save_path, old)
-    os.rename(tmp, save_path)
-    shutil.rmtree(old, ignore_errors=True)

@@ -6,11 +6,11 @@ import pytest
 
 from mlx_lora.data.records import (
     Record,
-    check_chat_template,
     from_plain_text,
     read_records,
 )
 from mlx_lora.data.sources import find_splits
+from mlx_lora.data.template import check_chat_template
 from mlx_lora.errors import UserError
 
 USER = {"role": "user", "content": "Hi"}

@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass
 
-from mlx_lora.data.records import Record, check_chat_template, read_records
+from mlx_lora.data.records import Record, read_records
 from mlx_lora.data.sources import find_splits
+from mlx_lora.data.template import check_chat_template
 from mlx_lora.data.tokenize import Example, tokenize_with_stats
 
 

@@ -292,20 +292,3 @@ def _record(kind: str, obj: dict, where: str) -> Record:
         return Record(kind="completion", source=where, prompt=obj["prompt"],
                       completion=obj["completion"], tools=tools)
     return Record(kind="chat", source=where, messages=tuple(obj["messages"]), tools=tools)
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether the tokenizer can render chats (mlx-lm's wrapper also knows custom renderers)."""
-    known = getattr(tokenizer, "has_chat_template", None)
-    if known is not None:
-        return bool(known)
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def check_chat_template(records: list[Record], tokenizer, path) -> None:
-    """Fail early when chat records meet a tokenizer that has no chat template."""
-    if any(r.kind == "chat" for r in records) and not has_chat_template(tokenizer):
-        raise UserError(
-            f"{Path(path).name}: chat records need a tokenizer with a chat template; this one "
-            'has none. Use an instruct/chat model, or write the records as {"text": ...}'
-        )

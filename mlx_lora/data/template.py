@@ -13,10 +13,12 @@ right after its start. Character spans become token flags through the fast token
 of the full string, so the ids are exactly those of encoding the full rendering.
 """
 
+from pathlib import Path
+
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_lora.data.records import Record, has_chat_template
+from mlx_lora.data.records import Record
 from mlx_lora.errors import UserError
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered string
@@ -67,6 +69,23 @@ def _encode(tokenizer, text: str, spans: list[Span] | None, add_special_tokens: 
         if budget >= len(text) or len(ids) > max_tokens + PREFIX_MARGIN:
             return ids, flags
         budget *= 4
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer can render chats (mlx-lm's wrapper also knows custom renderers)."""
+    known = getattr(tokenizer, "has_chat_template", None)
+    if known is not None:
+        return bool(known)
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def check_chat_template(records: list[Record], tokenizer, path) -> None:
+    """Fail early when chat records meet a tokenizer that has no chat template."""
+    if any(r.kind == "chat" for r in records) and not has_chat_template(tokenizer):
+        raise UserError(
+            f"{Path(path).name}: chat records need a tokenizer with a chat template; this one "
+            'has none. Use an instruct/chat model, or write the records as {"text": ...}'
+        )
 
 
 def _with_eos(ids: list[int], flags: list[bool], tokenizer) -> tuple[list[int], list[bool]]:

@@ -8,12 +8,11 @@ import numpy as np
 from mlx_lora.console import status
 from mlx_lora.data.records import (
     Record,
-    check_chat_template,
     from_plain_text,
     problems_error,
     read_records,
 )
-from mlx_lora.data.template import render
+from mlx_lora.data.template import check_chat_template, render
 from mlx_lora.errors import UserError
 
 

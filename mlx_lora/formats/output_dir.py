@@ -80,6 +80,7 @@ def lock_path(path: Path) -> Path:
 def exclusive(path: Path, what: str) -> Iterator[None]:
     """Hold the lock of an output path for the block; refuse if a live process holds it."""
     lock = lock_path(path)
+    created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -101,6 +102,9 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still held: a waiter re-checks the inode
         os.close(fd)
+        for folder in created:  # the parents made for the lock, where nothing else went
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def remove_our_files(adapter_dir: Path, names: tuple[str, ...], run_dirs: dict[str, str]) -> None:

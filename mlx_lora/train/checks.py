@@ -6,7 +6,8 @@ from pathlib import Path
 from jinja2 import TemplateSyntaxError
 
 from mlx_lora.config import TrainConfig, to_dict
-from mlx_lora.data.records import Record, has_chat_template
+from mlx_lora.data.records import Record
+from mlx_lora.data.template import has_chat_template
 from mlx_lora.errors import UserError
 from mlx_lora.formats.run_config import RUN_CONFIG_FILE, read_run_config
 

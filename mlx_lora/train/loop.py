@@ -137,7 +137,8 @@ def _check_not_uniform(loss: float, position: Position, vocab_size: int | None) 
             f"step {position.step}: the training loss went from {lowest:.3f} back to "
             f"{loss:.3f}, which is ln(vocabulary {vocab_size:,}): the model now predicts every "
             "token as equally likely, so training diverged; try a 10x lower learning rate or "
-            "--max-grad-norm 1.0. The last good checkpoint is intact; --resume continues from it")
+            "--max-grad-norm 1.0, from scratch or from an earlier checkpoint (best/ holds the "
+            "adapters with the best validation loss)")
 
 
 def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, eval_step,
