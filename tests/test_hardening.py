@@ -411,3 +411,17 @@ def test_a_huge_record_is_tokenized_only_as_far_as_it_is_kept(tiny_llama):
     head = tokenizer.encode(text[:5000])
     assert ids[:64] == head[:64] and len(flags) == len(ids)
     np.testing.assert_array_equal(np.array(flags), True)
+
+
+def test_test_key_reports_the_test_loss_after_training(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d" / "train.jsonl", ROWS[:20]).parent
+    code, output = invoke(*train_args(tiny_llama, data, tmp_path / "out", "--test"))
+    assert code == 2 and "--test needs a test split" in error_line(output)
+    write_jsonl(data / "test.jsonl", ROWS[20:])
+    code, output = invoke(*train_args(tiny_llama, data, tmp_path / "out", "--test",
+                                      "--test-batches", 1))
+    assert code == 0 and "test loss" in output, output
+    reported = float(output.split("test loss ")[1].split(",")[0])
+    code, evaluated = invoke("eval", "--model", tiny_llama, "--adapter-path", tmp_path / "out",
+                             "--data", data, "--json")
+    assert reported == pytest.approx(json.loads(evaluated.splitlines()[-1])["loss"], abs=1e-4)
