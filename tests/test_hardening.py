@@ -425,3 +425,15 @@ def test_test_key_reports_the_test_loss_after_training(tiny_llama, tmp_path):
     code, evaluated = invoke("eval", "--model", tiny_llama, "--adapter-path", tmp_path / "out",
                              "--data", data, "--json")
     assert reported == pytest.approx(json.loads(evaluated.splitlines()[-1])["loss"], abs=1e-4)
+
+
+def test_fuse_overwrite_replaces_only_a_model_directory(tiny_llama, tmp_path):
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter")
+    fused = tmp_path / "fused"
+    fuse(str(tiny_llama), str(adapter), str(fused))
+    fuse(str(tiny_llama), str(adapter), str(fused), overwrite=True)  # a model dir: replaced
+    (fused / "my-notes.txt").write_text("keep")
+    code, output = invoke("fuse", "--model", tiny_llama, "--adapter-path", adapter,
+                          "--save-path", fused, "--overwrite")
+    assert code == 2 and "holds files that are not a model's (my-notes.txt)" in error_line(output)
+    assert (fused / "my-notes.txt").read_text() == "keep"

@@ -1,5 +1,6 @@
 """A model directory that mlx_lm.load serves: written beside its place, then moved in whole."""
 
+import fnmatch
 import os
 import shutil
 import uuid
@@ -39,6 +40,20 @@ def check_save_path(save_path: Path, protected: list[Path], overwrite: bool) -> 
     if save_path.is_dir() and any(save_path.iterdir()) and not overwrite:
         raise UserError(f"--save-path {save_path} exists and is not empty; "
                         "pass --overwrite to replace it")
+    if overwrite and (others := not_model_files(save_path)):
+        raise UserError(f"--save-path {save_path} holds files that are not a model's "
+                        f"({', '.join(others[:5])}); --overwrite replaces a model directory "
+                        "whole, so pick another --save-path or move them")
+
+
+def not_model_files(directory: Path) -> list[str]:
+    """Names in a directory that a saved model directory would not hold."""
+    if not directory.is_dir():
+        return []
+    model_patterns = ("config.json", "model*.safetensors", "model.safetensors.index.json",
+                      *TOKENIZER_FILES)
+    return sorted(p.name for p in directory.iterdir()
+                  if not any(fnmatch.fnmatch(p.name, pattern) for pattern in model_patterns))
 
 
 def write_model_dir(save_path: Path, model: nn.Module, config: dict, source: Path,
