@@ -148,8 +148,13 @@ def test_fuse_refuses_to_clobber_or_overlap(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="exclude"):
         fuse(str(tiny_llama), str(adapter), str(tmp_path / "f"), dequantize=True, quantize=4)
     assert (busy / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a model directory, never one holding a user's files (issue 9).
+    with pytest.raises(UserError, match="not a model's"):
+        fuse(str(tiny_llama), str(adapter), str(busy), overwrite=True)
+    (busy / "keep.txt").unlink()
+    (busy / "config.json").write_text("{}")  # an older model dir is replaced whole
     fuse(str(tiny_llama), str(adapter), str(busy), overwrite=True)
-    assert not (busy / "keep.txt").exists() and (busy / "config.json").is_file()
+    assert (busy / "model.safetensors").is_file()
     # Nothing half-written is left beside the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "busy"]
 
