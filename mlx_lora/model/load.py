@@ -216,8 +216,9 @@ def check_base(net: nn.Module, tokenizer: TokenizerWrapper, name: str) -> None:
         if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
             raise UserError(f"{name}: weight '{path}' holds NaN or infinite values; the "
                             "checkpoint is damaged (download or convert it again)")
-    rows, size = vocab_rows(net), len(tokenizer._tokenizer)
-    if rows is not None and size > rows:
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    rows, size = vocab_rows(net), len(inner) if hasattr(inner, "__len__") else None
+    if rows is not None and size is not None and size > rows:
         raise UserError(f"{name}: the tokenizer has {size:,} tokens but the model's embedding "
                         f"has {rows:,} rows, so ids from {rows:,} up index past it; the "
                         "tokenizer does not belong to this model")
