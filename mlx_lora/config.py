@@ -27,6 +27,8 @@ class TrainConfig:
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
     dropout: float = _opt(0.0, "Dropout on the adapter input.")
+    lora_plus_ratio: float = _opt(
+        0.0, "LoRA+: lora_b learns this many times faster than lora_a; 0 = off (plain LoRA).")
     targets: str = _opt(
         "all-linear",
         "Modules to adapt: names (q_proj,v_proj), 're:REGEX' on full paths, or all-linear.",
@@ -163,7 +165,8 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(config, key)}")
     non_negative = ("iters", "epochs", "learning_rate", "weight_decay", "warmup", "max_grad_norm",
                     "steps_per_eval", "early_stopping_patience", "decay_steps",
-                    "end_learning_rate", "warmup_init", "adam_epsilon", "clear_cache_threshold")
+                    "end_learning_rate", "warmup_init", "adam_epsilon", "clear_cache_threshold",
+                    "lora_plus_ratio")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")

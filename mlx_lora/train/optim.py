@@ -23,10 +23,26 @@ def build_schedule(config: TrainConfig, total_steps: int):
 
 
 def build_optimizer(config: TrainConfig, total_steps: int) -> optim.Optimizer:
-    """Adam or AdamW, with bias correction by default, as torch and PEFT users expect."""
-    settings = dict(learning_rate=build_schedule(config, total_steps),
-                    betas=[config.adam_beta1, config.adam_beta2], eps=config.adam_epsilon,
-                    bias_correction=config.bias_correction)
+    """Adam or AdamW, with bias correction by default, as torch and PEFT users expect.
+
+    With --lora-plus-ratio R (LoRA+, Hayou et al. 2024), lora_b gets its own Adam at R times
+    the schedule; the first optimizer's rate is the one reported.
+    """
+    schedule = build_schedule(config, total_steps)
+    if not config.lora_plus_ratio:
+        return _adam(config, schedule)
+    ratio = config.lora_plus_ratio
+    return optim.MultiOptimizer(
+        [_adam(config, schedule), _adam(config, lambda step: ratio * schedule(step))],
+        [lambda path, _: not path.endswith("." + LORA_PLUS_PARAMETER)])
+
+
+LORA_PLUS_PARAMETER = "lora_b"  # the factor LoRA+ speeds up
+
+
+def _adam(config: TrainConfig, schedule) -> optim.Optimizer:
+    settings = dict(learning_rate=schedule, betas=[config.adam_beta1, config.adam_beta2],
+                    eps=config.adam_epsilon, bias_correction=config.bias_correction)
     if config.optimizer == "adam":
         return optim.Adam(**settings)
     return optim.AdamW(weight_decay=config.weight_decay, **settings)
