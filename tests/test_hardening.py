@@ -324,17 +324,27 @@ def test_a_second_ctrl_c_stops_at_once(tiny_llama, tmp_path):
                                  "--steps-per-report", 1, "--save-every", 100000))]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    while not any(r["event"] == "train" for r in read_metrics(out)):
-        assert process.poll() is None
-        time.sleep(0.05)
-    step_s = next(r["elapsed_s"] for r in read_metrics(out) if r["event"] == "train")
-    process.send_signal(signal.SIGINT)  # inside the next step
-    time.sleep(0.2)
+    lines = iter(process.stderr.readline, "")
+    seen = []
+    for line in lines:  # off a terminal the bar prints a line per step: wait for step 2
+        seen.append(line)
+        if " 2/100000 " in line:
+            break
+    assert process.poll() is None, "".join(seen)
+    while len(elapsed := [r["elapsed_s"] for r in read_metrics(out)
+                          if r["event"] == "train"]) < 2:
+        time.sleep(0.01)
+    step_s = elapsed[1] - elapsed[0]  # a step after compilation
+    process.send_signal(signal.SIGINT)  # early in step 3
+    for line in lines:
+        seen.append(line)
+        if "stopping after this step" in line:
+            break
     started = time.perf_counter()
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    process.send_signal(signal.SIGINT)  # still inside step 3
+    rest = process.communicate(timeout=60)[1]
     waited = time.perf_counter() - started
-    assert process.returncode == 130 and "stopped at once" in stderr, stderr
+    assert process.returncode == 130 and "stopped at once" in rest, "".join(seen) + rest
     assert waited < step_s / 2, (waited, step_s)  # it did not wait for the step to end
 
 
