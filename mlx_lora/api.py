@@ -23,9 +23,8 @@ from mlx_lora.data.records import read_records
 from mlx_lora.data.sources import read_splits, split_file
 from mlx_lora.errors import UserError
 from mlx_lora.evaluate import evaluate_records
-from mlx_lora.formats.convert import load_any_adapter
 from mlx_lora.generate import complete
-from mlx_lora.model.adapted import load_adapted
+from mlx_lora.model.adapted import adapt_for_inference, load_adapted
 from mlx_lora.model.load import LoadedModel, frozen_base
 from mlx_lora.train.report import Callback
 from mlx_lora.train.run import TrainResult, train
@@ -104,9 +103,7 @@ class Finetune:
                                 config.trust_remote_code)[0]
         loaded = frozen_base(*self._base, {}, None, config.quantize, config.group_size,
                              GIVEN_MODEL)
-        if adapter_dir is not None:
-            load_any_adapter(loaded.model, adapter_dir)
-        loaded.model.eval()
+        adapt_for_inference(loaded, adapter_dir and str(adapter_dir))
         return loaded
 
     def _split_records(self, split: str) -> tuple[str, list]:

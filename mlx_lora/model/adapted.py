@@ -26,6 +26,11 @@ def load_adapted(model: str, adapter_path: str | None,
                  trust_remote_code: bool = False) -> tuple[LoadedModel, AdapterSpec | None]:
     """The base as the adapter was trained on, with the adapter (any format) on, in eval mode."""
     loaded = load_base_for(model, adapter_path, trust_remote_code)
+    return loaded, adapt_for_inference(loaded, adapter_path)
+
+
+def adapt_for_inference(loaded: LoadedModel, adapter_path: str | None) -> AdapterSpec | None:
+    """Put the adapter (any format; none for None) into a loaded base and set eval mode."""
     spec = load_any_adapter(loaded.model, Path(adapter_path)) if adapter_path else None
     loaded.model.eval()
-    return loaded, spec
+    return spec
