@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from mlx_lora.config import (
+    ALIASES,
     FIELDS,
     EvalConfig,
     GenerateConfig,
@@ -46,6 +47,7 @@ class Finetune:
 
     def __init__(self, model=None, data=None, *, config: str | None = None,
                  resume: bool = False, overwrite: bool = False, **options):
+        options = {ALIASES.get(key, key): value for key, value in options.items()}
         unknown = sorted(set(options) - set(FIELDS))
         if unknown:
             raise UserError(f"Finetune: {unknown_key(unknown[0])}")

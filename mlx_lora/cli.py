@@ -45,7 +45,8 @@ def options(config_class, names=None, unset: bool = False):
             else:
                 choices = field.metadata.get("choices")
                 kind = click.Choice(choices) if choices else field.type
-                option = click.option(flag, field.name, type=kind, default=default,
+                aliases = ["--" + a.replace("_", "-") for a in field.metadata.get("aliases", ())]
+                option = click.option(flag, *aliases, field.name, type=kind, default=default,
                                       help=help_text)
             command = option(command)
         return command

@@ -22,7 +22,16 @@ class TrainConfig:
     quantize: int = _opt(0, "Quantize the frozen base to 4 or 8 bits on load (QLoRA); 0 = no.")
     group_size: int = _opt(64, "Quantization group size.")
     trust_remote_code: bool = _opt(False, "Allow a model's own Python code to run on load.")
-    fine_tune_type: str = _opt("lora", "Adapter method.", choices=("lora",))
+    train_mode: str = _opt(
+        "sft", "Objective: sft (supervised), or dpo / orpo on {prompt, chosen, rejected} pairs.",
+        choices=("sft", "dpo", "orpo"))
+    beta: float = _opt(0.1, "DPO: how far the policy may move from the reference (KL weight).")
+    dpo_loss_type: str = _opt("sigmoid", "DPO's loss of the reward margin.",
+                              choices=("sigmoid", "ipo", "hinge"), aliases=("dpo_cpo_loss_type",))
+    orpo_lambda: float = _opt(
+        -1.0, "ORPO: weight of the odds-ratio term; -1 = --beta (as TRL and mlx-lm-lora use it).")
+    fine_tune_type: str = _opt("lora", "Adapter method.", choices=("lora",),
+                               aliases=("train_type",))
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
@@ -42,7 +51,8 @@ class TrainConfig:
         "itself (batch-size records per micro-batch on average); skipped, saying why, for a "
         "model where packing would change the loss or data that padding fills as well."
     )
-    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer update (token-weighted).")
+    grad_accumulation_steps: int = _opt(1, "Micro-batches per optimizer update (token-weighted).",
+                                        aliases=("gradient_accumulation_steps",))
     iters: int = _opt(1000, "Optimizer updates to run (ignored when epochs is set).")
     epochs: float = _opt(0.0, "Passes over the training set; 0 = use iters.")
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw"))
@@ -83,6 +93,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Other tools' names for our keys (mlx-lm-lora's), accepted as flags and config keys.
+ALIASES = {alias: f.name for f in FIELDS.values() for alias in f.metadata.get("aliases", ())}
 DEFAULTS = TrainConfig()
 
 
@@ -166,7 +178,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     non_negative = ("iters", "epochs", "learning_rate", "weight_decay", "warmup", "max_grad_norm",
                     "steps_per_eval", "early_stopping_patience", "decay_steps",
                     "end_learning_rate", "warmup_init", "adam_epsilon", "clear_cache_threshold",
-                    "lora_plus_ratio")
+                    "lora_plus_ratio", "beta")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")
@@ -181,6 +193,8 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     for key in ("val_batches", "test_batches"):
         if getattr(config, key) == 0 or getattr(config, key) < -1:
             raise UserError(f"{source}: '{key}' must be -1 (all) or a positive count")
+    if config.orpo_lambda < 0 and config.orpo_lambda != -1:
+        raise UserError(f"{source}: 'orpo_lambda' must be -1 (use beta) or not negative")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(config, key) < 1.0:
             raise UserError(f"{source}: '{key}' must be in [0, 1), got {getattr(config, key)}")

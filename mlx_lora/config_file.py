@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from mlx_lora.config import FIELDS, unknown_key
+from mlx_lora.config import ALIASES, FIELDS, unknown_key
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
 
@@ -26,6 +26,17 @@ NOT_YET = {
     "project_name": "experiment logging", "hf_dataset": "Hugging Face data sets (save it as "
     "JSONL with `datasets` and pass --data)",
 }
+
+# mlx-lm-lora keys with no counterpart here: fine at their no-op value, refused otherwise.
+NO_OP_VALUES = {
+    "reward_scaling": (1.0, "ORPO reward scaling (mlx-lm-lora does not implement it either)"),
+    "delta": (50.0, "the dpop loss type; use dpo_loss_type sigmoid, ipo or hinge"),
+    "reference_model_path": (None, "a separate reference model; the reference is the model "
+                                   "DPO starts from (the base, with resume_adapter_file if set)"),
+    "judge": (None, "online preference modes"),
+    "load_in_mxfp4": (False, "mxfp4 quantization; use quantize: 4"),
+}
+LOAD_IN_BITS = {"load_in_4bits": 4, "load_in_6bits": 6, "load_in_8bits": 8}  # mlx-lm-lora's
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -77,6 +88,11 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
     raw = {str(key).replace("-", "_"): value for key, value in raw.items()}
+    for alias in set(raw) & set(ALIASES):
+        if ALIASES[alias] in raw:
+            raise UserError(f"{path}: both '{alias}' and '{ALIASES[alias]}' are set; they are "
+                            "the same key, keep one")
+        raw[ALIASES[alias]] = raw.pop(alias)
     values = {}
     for key, value in raw.items():
         if key == "config" or (key == "train" and value is True):
@@ -88,6 +104,13 @@ def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
             if value not in (None, "", [], {}):
                 raise UserError(f"{path}: '{key}' is set, but mlx-lora has no {NOT_YET[key]} "
                                 "yet; remove the key")
+        elif key in NO_OP_VALUES:
+            if value != NO_OP_VALUES[key][0]:
+                raise UserError(f"{path}: '{key}' is set, but mlx-lora has no "
+                                f"{NO_OP_VALUES[key][1]}; remove the key")
+        elif key in LOAD_IN_BITS:
+            if value:
+                values["quantize"] = LOAD_IN_BITS[key]
         elif key == "lora_parameters":
             values.update(_lora_parameters(value, path))
         elif key == "lr_schedule" and isinstance(value, dict):

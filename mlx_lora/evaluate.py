@@ -17,7 +17,7 @@ from mlx_lora.model.load import LoadedModel
 from mlx_lora.model.probe import probe_model
 from mlx_lora.objectives.sft import SFT
 from mlx_lora.train.step import make_eval_step
-from mlx_lora.train.validation import evaluate_loss
+from mlx_lora.train.validation import evaluate_split
 
 EXTRA_TOKENS = 8  # generated past the reference's length: enough to see it does not stop there
 EVAL = EvalConfig()
@@ -53,7 +53,7 @@ def mean_loss(model: nn.Module, examples: list[Example], batch_size: int,
                      val_batches=-1)
     split = probe_model(model, packing=False).split
     eval_step = make_eval_step(model, SFT.make_loss(model, split, with_grad=False))
-    loss = evaluate_loss(SFT, eval_step, examples, config)
+    loss, _ = evaluate_split(SFT, eval_step, examples, config)
     # The first token of a sequence is never a target: nothing precedes it.
     n_tokens = sum(int(e.mask[1:].sum()) for e in examples)
     return loss, n_tokens

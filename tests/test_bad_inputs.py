@@ -27,10 +27,10 @@ def write(path: Path, content) -> Path:
 DATA_CASES = {
     "empty file": ("", "train.jsonl: the file is empty"),
     "blank lines only": ("\n\n  \n", "the file is empty"),
-    "BOM then a JSON array": ("\ufeff[" + GOOD.strip() + "]\n", "one JSON object per line"),
+    "BOM then a broken JSON array": ("\ufeff[" + GOOD.strip() + ",\n{oops}]\n",
+                                     "train.jsonl:2: not valid JSON"),
     "non-UTF-8 bytes": (b'{"text": "caf\xe9"}\n', "train.jsonl:1: not valid UTF-8"),
-    "JSON array instead of JSONL": ("[" + GOOD.strip() + ",\n" + GOOD.strip() + "]\n",
-                                    "JSONL"),
+    "JSON array of a string": ('[\n"a"\n]\n', "train.jsonl:2: expected a JSON object"),
     "unparseable line": (GOOD + "{oops\n", "train.jsonl:2: not valid JSON"),
     "a number, not an object": (GOOD + "42\n", "train.jsonl:2:"),
     "text is a number": ('{"text": 5}\n', "train.jsonl:1:"),

@@ -37,13 +37,14 @@ def error_of(path) -> str:
 # (lines of train.jsonl, the whole error message)
 BAD = [
     (['{"text": "a"'], "train.jsonl:1: not valid JSON (Expecting ',' delimiter at column 13)"),
-    (['["a", "b"]'],
+    (['["a", "b"]', '{"text": "c"}'],
      "train.jsonl:1: a JSON array, not an object; use one JSON object per line (JSONL)"),
-    (['[', '  {"text": "a"}', ']'],
+    (['{', '  "text": "a"', '}'],
      "train.jsonl:1: the file is one JSON document; use one JSON object per line (JSONL)"),
+    (['[', '  "a"', ']'], "train.jsonl:2: expected a JSON object, found a string"),
     (["3"], "train.jsonl:1: expected a JSON object, found a number"),
     (['{"input": "a", "output": "b"}'],
-     'train.jsonl:1: no "text", "prompt"/"completion" or "messages" key (found: input, output)'),
+     'train.jsonl:1: no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key (found: input, output)'),
     (['{"text": 5}'], 'train.jsonl:1: "text" must be a string, found a number'),
     (['{"text": "  "}'], 'train.jsonl:1: "text" is empty'),
     (['{"prompt": "a"}'], 'train.jsonl:1: no "completion"'),
@@ -163,7 +164,7 @@ def test_find_splits(tmp_path):
     "files,data,start",
     [
         ([], "missing", "missing: no such file or directory;"),
-        (["data.json"], "data.json", "data.json: unsupported file type '.json'; use .jsonl"),
+        (["data.csv"], "data.csv", "data.csv: unsupported file type '.csv'; use .jsonl"),
         (["valid.jsonl", "notes.md"], ".",
          ".: no train.jsonl or train.txt in this directory (found: notes.md, valid.jsonl);"),
         (["train.jsonl", "train.txt"], ".", ".: both train.jsonl and train.txt; keep only one"),

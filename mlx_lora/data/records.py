@@ -1,9 +1,12 @@
 """Read data files' records and report every bad one as FILE:LINE: problem (or name[i]: ...)."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_lora.data.json_array import array_items, starts_array
+from mlx_lora.data.preference import is_preference, split_pair
 from mlx_lora.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -14,19 +17,28 @@ MAX_PROBLEMS = 20
 class Record:
     """One training record as read; `source` is "FILE:LINE" (just "FILE" for a .txt file)."""
 
-    kind: str  # "text" | "completion" | "chat"
+    kind: str  # "text" | "completion" | "chat" | "preference"
     source: str
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
     messages: tuple | None = None  # the message dicts as read
     tools: tuple | None = None
+    response_start: int = 0  # chat: messages before this index are context, with no loss
+    chosen: "Record | None" = None  # preference: the two halves, sharing the prompt
+    rejected: "Record | None" = None
 
 
 def from_plain_text(record: Record) -> bool:
     """True for the one record of a .txt file, which the tokenizer cuts into chunks."""
     # A JSONL record's source always ends in ":LINE", so only a .txt file's ends in ".txt".
     return record.kind == "text" and record.source.lower().endswith(".txt")
+
+
+def plain_records(records: list[Record]) -> list[Record]:
+    """The records with each preference pair as its two halves."""
+    return [half for r in records
+            for half in ((r.chosen, r.rejected) if r.kind == "preference" else (r,))]
 
 
 def problems_error(problems: list[str]) -> UserError:
@@ -57,7 +69,21 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
         raise UserError(f"{name}: the file is empty; it needs at least one record")
     if path.suffix.lower() == ".txt":
         return [Record(kind="text", source=name, text="\n".join(lines))]
+    text = "\n".join(lines)
+    if starts_array(text):
+        return _read_array(text, name, features)
     return _read_jsonl(lines, name, features)
+
+
+def _read_array(text: str, name: str, features: dict[str, str] | None) -> list[Record]:
+    try:
+        items = array_items(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                        ) from None
+    if not items:
+        raise UserError(f"{name}: the JSON array is empty; it needs at least one record")
+    return _records([(f"{name}:{line}", f"line {line}", obj) for line, obj in items], features)
 
 
 def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
@@ -168,6 +194,8 @@ def _kind(obj) -> str | None:
     # The same precedence as mlx-lm: prompt/completion, then messages, then text.
     if not isinstance(obj, dict):
         return None
+    if is_preference(obj):
+        return "preference"
     if "prompt" in obj or "completion" in obj:
         return "completion"
     if "messages" in obj:
@@ -183,7 +211,8 @@ def _not_a_record(obj) -> str:
     if not isinstance(obj, dict):
         return f"expected a JSON object, found {_type_name(obj)}"
     found = ", ".join(sorted(obj)) or "no keys"
-    return f'no "text", "prompt"/"completion" or "messages" key (found: {found})'
+    return (f'no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key '
+            f"(found: {found})")
 
 
 def _type_name(value) -> str:
@@ -281,11 +310,29 @@ def _check_tools(obj: dict) -> list[str]:
     return []
 
 
-CHECKS = {"text": _check_text, "completion": _check_completion, "chat": _check_chat}
+def _check_preference(obj: dict) -> list[str]:
+    halves, problems = split_pair(obj)
+    if problems:
+        return problems
+    return [f"{name}: {problem}" for name, half in (("chosen", halves.chosen),
+                                                    ("rejected", halves.rejected))
+            for problem in CHECKS[_kind(half)](half)] + _check_tools(obj)
+
+
+CHECKS = {"text": _check_text, "completion": _check_completion, "chat": _check_chat,
+          "preference": _check_preference}
 
 
 def _record(kind: str, obj: dict, where: str) -> Record:
     tools = tuple(obj["tools"]) if obj.get("tools") else None
+    if kind == "preference":
+        halves, _ = split_pair(obj)
+        chosen, rejected = (_record(_kind(half), {**half, "tools": obj.get("tools")}, where)
+                            for half in (halves.chosen, halves.rejected))
+        return Record(kind="preference", source=where,
+                      chosen=dataclasses.replace(chosen, response_start=halves.response_start),
+                      rejected=dataclasses.replace(rejected,
+                                                   response_start=halves.response_start))
     if kind == "text":
         return Record(kind="text", source=where, text=obj["text"])
     if kind == "completion":

@@ -7,7 +7,7 @@ from mlx_lora.data.records import Record, read_records, records_from_objects
 from mlx_lora.errors import UserError
 
 SPLITS = ("train", "valid", "test")
-SUFFIXES = (".jsonl", ".txt")
+SUFFIXES = (".jsonl", ".json", ".txt")
 
 
 def find_splits(data: str) -> dict[str, Path]:
@@ -16,16 +16,16 @@ def find_splits(data: str) -> dict[str, Path]:
     if not path.exists():
         raise UserError(
             f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
-            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl or .txt file"
+            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl, .json or .txt file"
         )
     if not path.is_file() and not path.is_dir():
         raise UserError(f"{data}: neither a regular file nor a directory; --data takes a "
-                        "directory holding train.jsonl or a single .jsonl or .txt file")
+                        "directory holding train.jsonl or a single .jsonl, .json or .txt file")
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(
                 f"{data}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object "
-                "per line) or .txt (plain text)"
+                "per line), .json (the same, or one array of objects) or .txt (plain text)"
             )
         return {"train": path}
     splits = {}

@@ -1,7 +1,8 @@
 """Render a record to token ids and a per-token loss flag, with the tokenizer's chat template.
 
 With mask_prompt, loss falls on the completion, or on EVERY assistant turn of a chat (mlx-lm
-supervises only the last), each with its end-of-turn token, and on nothing else.
+supervises only the last), each with its end-of-turn token, and on nothing else; a record's
+response_start (a preference pair's half) leaves the turns before it as context only.
 
 How turns are found: assistant turn i starts where `messages[:i]` rendered with the
 generation prompt ends, and ends where `messages[:i+1]` rendered ends (trailing whitespace
@@ -33,7 +34,7 @@ def render(record: Record, tokenizer, mask_prompt: bool,
     """
     if record.kind == "chat":
         return _render_chat(record.messages, record.tools, tokenizer, mask_prompt, record.source,
-                            max_tokens)
+                            max_tokens, record.response_start)
     if record.kind == "completion" and has_chat_template(tokenizer):
         messages = ({"role": "user", "content": record.prompt},
                     {"role": "assistant", "content": record.completion})
@@ -96,7 +97,7 @@ def _with_eos(ids: list[int], flags: list[bool], tokenizer) -> tuple[list[int], 
 
 
 def _render_chat(messages, tools, tokenizer, mask_prompt: bool, source: str,
-                 max_tokens: int | None):
+                 max_tokens: int | None, response_start: int = 0):
     messages = list(messages)
     tools = list(tools) if tools else None
     try:
@@ -108,7 +109,8 @@ def _render_chat(messages, tools, tokenizer, mask_prompt: bool, source: str,
     if not mask_prompt:  # the template writes BOS itself where the model wants one
         return _encode(tokenizer, full, None, False, max_tokens)
     spans = [_assistant_span(tokenizer, messages, tools, full, i, source)
-             for i, m in enumerate(messages) if m["role"] == "assistant"]
+             for i, m in enumerate(messages)
+             if m["role"] == "assistant" and i >= response_start]
     return _encode(tokenizer, full, spans, False, max_tokens)
 
 

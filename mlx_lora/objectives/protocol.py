@@ -6,6 +6,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_lora.data.batching import padding_fraction
+
 # (*arrays) -> (sum of the per-unit losses, sums of reported statistics); never divided here:
 # the step divides by the units of the whole accumulated update.
 LossFn = Callable[..., tuple[mx.array, dict[str, mx.array]]]
@@ -21,6 +23,8 @@ class Objective:
     arrays(batch) -> the loss's array arguments
     count(batch) -> the units the batch holds (target tokens, pairs): an update's divisor
     make_loss(model, split, with_grad) -> LossFn; split is the model's head split or None
+    prepare(model, split, examples, config) -> the examples with what the objective needs from
+        the model as training starts (DPO: reference log-probabilities); None: nothing
     """
 
     name: str
@@ -31,3 +35,6 @@ class Objective:
     arrays: Callable[[Any], tuple]
     count: Callable[[Any], int]
     make_loss: Callable[..., LossFn]
+    prepare: Callable[..., list[Any]] | None = None
+    padding: Callable[[Any], float] = padding_fraction  # of a batch's positions, for reports
+    packable: bool = True  # whether examples may share a row (data.packing)

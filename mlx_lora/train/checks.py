@@ -13,8 +13,8 @@ from mlx_lora.formats.run_config import RUN_CONFIG_FILE, read_run_config
 
 # Settings a resumed run must share with the run it continues: they define the adapters, the
 # data and the batches; the rest (iters, learning-rate schedule, cadence) may change.
-RESUME_KEYS = ("model", "data", "fine_tune_type", "rank", "alpha", "rslora", "dropout", "targets",
-               "lora_plus_ratio",
+RESUME_KEYS = ("model", "data", "train_mode", "fine_tune_type", "rank", "alpha", "rslora",
+               "dropout", "targets", "lora_plus_ratio",
                "num_layers", "quantize", "group_size", "mask_prompt", "max_seq_length",
                "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
                "completion_feature", "text_feature", "chat_feature")

@@ -10,7 +10,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data.batching import padding_fraction
 from mlx_lora.errors import UserError
 from mlx_lora.model.head import Split
 from mlx_lora.objectives.protocol import Objective
@@ -20,6 +19,8 @@ from mlx_lora.train.progress import Window, peak_memory_gb
 from mlx_lora.train.report import RunReport
 from mlx_lora.train.step import add_grads, make_eval_step, make_grad_step, make_update
 from mlx_lora.train.validation import should_stop_early, validate
+
+RATE_UNITS = {"tokens": "tok"}  # how the bar abbreviates a unit
 
 
 class TrainingDiverged(UserError):
@@ -60,7 +61,7 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
     update = make_update(model, optimizer, config.max_grad_norm)
     batches = objective.train_batches(train_set, config, trainee.pack, position.epoch,
                                       position.cursor)
-    window = Window()
+    window = Window(objective.unit)
     started = time.perf_counter() - position.elapsed_s
     report.open_bar(steps, position.step)
     if valid_set and position.step == 0:  # the starting point, for comparison
@@ -79,7 +80,7 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
                 if config.clear_cache_threshold and (
                         mx.get_cache_memory() > config.clear_cache_threshold):
                     mx.clear_cache()
-                padding = sum(padding_fraction(b) for _, _, b in micro) / len(micro)
+                padding = sum(objective.padding(b) for _, _, b in micro) / len(micro)
                 window.add(loss, units, padding, stats)
                 if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
                                  steps, window):
@@ -149,12 +150,15 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
     if step % config.steps_per_report == 0 or last:
         summary = window.summary()
         memory = round(peak_memory_gb(), 4)
-        report.show(step, summary["loss"], summary["tokens_per_sec"], memory)
+        unit = trainee.objective.unit
+        rate = summary[f"{unit}_per_sec"]
+        speed = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
+        report.show(step, summary["loss"], f"{speed} {RATE_UNITS.get(unit, unit)}/s", memory)
         _check_not_uniform(summary["loss"], position, trainee.vocab_size)
         report.event({
             "event": "train", "step": step, "epoch": position.epoch, **summary,
             "learning_rate": optimizer.learning_rate.item(),
-            "trained_tokens": position.trained_tokens, "peak_memory_gb": memory,
+            f"trained_{unit}": position.trained_tokens, "peak_memory_gb": memory,
             "elapsed_s": round(position.elapsed_s, 3)})
         window.reset()
     stop_early = False

@@ -13,9 +13,11 @@ def peak_memory_gb() -> float:
 
 
 class Window:
-    """Token-weighted training loss and throughput since the last report."""
+    """Unit-weighted training loss and throughput since the last report (units: target tokens,
+    pairs: the objective's)."""
 
-    def __init__(self):
+    def __init__(self, unit: str = "tokens"):
+        self.unit = unit
         self.reset()
 
     def reset(self) -> None:
@@ -40,7 +42,7 @@ class Window:
         return {
             "loss": self.sum_loss / units,
             **{name: total / units for name, total in self.stat_sums.items()},
-            "tokens_per_sec": self.tokens / seconds,
+            f"{self.unit}_per_sec": self.tokens / seconds,
             "padding_fraction": self.padding / max(self.updates, 1),
         }
 
@@ -54,15 +56,16 @@ class ProgressBar:
         self.start_step = start_step
         self.tty = sys.stderr.isatty()
 
-    def show(self, step: int, loss: float, tokens_per_sec: float, memory_gb: float) -> None:
-        """Draw the bar for `step` with the latest loss, speed and peak memory."""
+    def show(self, step: int, loss: float, speed: str, memory_gb: float) -> None:
+        """Draw the bar for `step` with the latest loss, speed (e.g. "812 tok/s") and peak
+        memory."""
         width = 24
         done = int(width * step / max(self.total, 1))
         rate = (step - self.start_step) / max(time.perf_counter() - self.start_time, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
         eta_text = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
         text = (f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} "
-                f"{tokens_per_sec:,.0f} tok/s {memory_gb:.2f} GB eta {eta_text}")
+                f"{speed} {memory_gb:.2f} GB eta {eta_text}")
         if self.tty:
             print("\r" + text, end="", file=sys.stderr, flush=True)
         else:

@@ -38,8 +38,9 @@ class RunReport:
     """Writes a run's files and lines; remembers the latest event of each kind."""
 
     def __init__(self, adapter_dir: Path, base_model: str, callback: Callback | None = None,
-                 writes: bool = True):
+                 writes: bool = True, unit: str = "tokens"):
         self.adapter_dir = Path(adapter_dir)
+        self.unit = unit  # what the objective counts: "trained_<unit>" in events
         self.base_model = base_model
         self.spec: AdapterSpec | None = None  # set once the adapters are in the model
         self.callback, self.writes = callback, writes
@@ -84,10 +85,10 @@ class RunReport:
         if self.writes:
             self.bar = ProgressBar(total_steps, start_step)
 
-    def show(self, step: int, loss: float, tokens_per_sec: float, memory_gb: float) -> None:
+    def show(self, step: int, loss: float, speed: str, memory_gb: float) -> None:
         """Redraw the progress bar."""
         if self.bar is not None:
-            self.bar.show(step, loss, tokens_per_sec, memory_gb)
+            self.bar.show(step, loss, speed, memory_gb)
 
     def close_bar(self) -> None:
         """Stop drawing the progress bar."""
@@ -119,7 +120,7 @@ class RunReport:
         train, val = self.latest.get("train", {}), self.latest.get("val", {})
         self.event({"event": "done", "step": position.step, "epoch": position.epoch,
                     "loss": train.get("loss"), "val_loss": val.get("val_loss"),
-                    "trained_tokens": position.trained_tokens,
+                    f"trained_{self.unit}": position.trained_tokens,
                     "peak_memory_gb": train.get("peak_memory_gb"),
                     "elapsed_s": round(position.elapsed_s, 3)})
         if self.writes:

@@ -12,6 +12,7 @@ from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, paramete
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig, features, to_dict
 from mlx_lora.data.packing import decide_packing, positions
+from mlx_lora.data.records import plain_records
 from mlx_lora.data.sources import read_splits
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
@@ -33,7 +34,7 @@ from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
 from mlx_lora.train.step import make_eval_step
-from mlx_lora.train.validation import evaluate_loss
+from mlx_lora.train.validation import evaluate_split, stats_text
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
 def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
            callback: Callback | None, stop) -> TrainResult:
     adapter_dir = Path(config.adapter_path)
-    report = RunReport(adapter_dir, config.model, callback)
+    objective = OBJECTIVES[config.train_mode](config)
+    report = RunReport(adapter_dir, config.model, callback, unit=objective.unit)
     if warning := slow_blas_warning():
         report.say(warning)
-    objective = OBJECTIVES["sft"]
     splits = read_splits(config.data if data is None else data, features(config))
     if config.test and "test" not in splits:
         raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
@@ -80,7 +81,7 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
                         "the given model") if base else None
     tokenizer = given.tokenizer if given else load_tokenizer_only(config.model,
                                                                    config.trust_remote_code)
-    records = [r for _, split_records in splits.values() for r in split_records]
+    records = plain_records([r for _, split_records in splits.values() for r in split_records])
     check_template(tokenizer, records, config.model)
     wanted = ("train", "valid", "test") if config.test else ("train", "valid")
     examples = {split: objective.examples(split_records, tokenizer, config, name)
@@ -93,12 +94,17 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
+    if objective.prepare:  # from the model as it starts, before any checkpoint loads
+        examples = {split: objective.prepare(trainee.model, trainee.split, split_set, config)
+                    for split, split_set in examples.items()}
+        train_set, valid_set = examples["train"], examples.get("valid", [])
     steps = total_steps(config, len(train_set))
     optimizer = build_optimizer(config, steps)
     position = _start_position(adapter_dir, trainee.model, optimizer, resume, report)
     optimizer.init(trainee.model.trainable_parameters())
     report.start(to_dict(config), position)
-    report.say(f"training {steps} steps on {len(train_set)} examples "
+    what = "pairs" if objective.unit == "pairs" else "examples"
+    report.say(f"training {steps} steps on {len(train_set)} {what} "
                f"({len(valid_set)} for validation) into {adapter_dir}")
     finished = fit(trainee, optimizer, config, train_set, valid_set, position, stop)
     loaded.model.eval()
@@ -125,8 +131,11 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     probe = probe_model(model, packing=config.pack)
     if note := probe.loss_note():
         report.say(note)
-    pack, line = decide_packing(config.pack, probe.packing_problem, positions(train_set),
-                                config.batch_size, config.max_seq_length, config.seed)
+    if objective.packable:
+        pack, line = decide_packing(config.pack, probe.packing_problem, positions(train_set),
+                                    config.batch_size, config.max_seq_length, config.seed)
+    else:
+        pack, line = False, f"packing: off ({objective.name} batches whole pairs)"
     report.say(line)
     config = dataclasses.replace(config, pack=pack)  # recorded as what really happens
     if config.grad_checkpoint:
@@ -134,7 +143,9 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     trainable, total = parameter_counts(model)
     report.say(f"trainable parameters: {trainable:,} of {total:,} "
                f"({100 * trainable / total:.3f}%) in {len(spec.paths)} adapted layers")
-    return Trainee(model, objective, probe.split, pack, report, vocab_rows(model)), config
+    # Only a token loss has a uniform-output value (ln vocabulary) to recognize divergence by.
+    vocab = vocab_rows(model) if objective.unit == "tokens" else None
+    return Trainee(model, objective, probe.split, pack, report, vocab), config
 
 
 def _finish(trainee: Trainee, config: TrainConfig, position: Position, validated: bool) -> None:
@@ -152,9 +163,11 @@ def _test(trainee: Trainee, config: TrainConfig, test_set: list) -> None:
     model, objective = trainee.model, trainee.objective
     eval_step = make_eval_step(model, objective.make_loss(model, trainee.split, with_grad=False))
     model.eval()
-    loss = evaluate_loss(objective, eval_step, test_set,
-                         dataclasses.replace(config, val_batches=config.test_batches))
-    trainee.report.say(f"test loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.3f}")
+    loss, stats = evaluate_split(objective, eval_step, test_set,
+                                 dataclasses.replace(config, val_batches=config.test_batches))
+    trainee.report.say(f"test loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.3f}"
+                       if objective.unit == "tokens" else
+                       f"test loss {loss:.4f}{stats_text(stats)}")
 
 
 def _start_position(adapter_dir: Path, model, optimizer, resume: bool,

@@ -9,24 +9,30 @@ from mlx_lora.train.progress import peak_memory_gb
 from mlx_lora.train.report import RunReport
 
 
-def evaluate_loss(objective: Objective, eval_step, examples: list,
-                  config: TrainConfig) -> float | None:
-    """Mean loss per unit (target token, pair) over the split's evaluation batches."""
-    if not examples:
-        return None
-    sum_loss, units = mx.array(0.0), 0
+def evaluate_split(objective: Objective, eval_step, examples: list,
+                   config: TrainConfig) -> tuple[float, dict[str, float]]:
+    """Mean loss and statistics per unit (target token, pair) over the split's evaluation
+    batches."""
+    sum_loss, stat_sums, units = mx.array(0.0), {}, 0
     for batch in objective.eval_batches(examples, config):
-        batch_loss, _ = eval_step(*objective.arrays(batch))
+        batch_loss, stats = eval_step(*objective.arrays(batch))
         sum_loss, units = sum_loss + batch_loss, units + objective.count(batch)
-        mx.eval(sum_loss)
-    return sum_loss.item() / max(units, 1)
+        stat_sums = {k: stat_sums.get(k, 0.0) + v for k, v in stats.items()}
+        mx.eval(sum_loss, stat_sums)
+    n = max(units, 1)
+    return sum_loss.item() / n, {k: v.item() / n for k, v in stat_sums.items()}
+
+
+def stats_text(stats: dict[str, float]) -> str:
+    """", reward accuracy 0.625, ..." for a console line; empty without statistics."""
+    return "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in stats.items())
 
 
 def validate(model, objective: Objective, eval_step, config: TrainConfig, valid_set: list,
              position: Position, report: RunReport) -> float:
     """Report the validation loss; keep the best adapters; count evaluations without progress."""
     model.eval()
-    val_loss = evaluate_loss(objective, eval_step, valid_set, config)
+    val_loss, stats = evaluate_split(objective, eval_step, valid_set, config)
     model.train()
     improved = position.best_val_loss is None or val_loss < position.best_val_loss
     if improved:
@@ -38,10 +44,13 @@ def validate(model, objective: Objective, eval_step, config: TrainConfig, valid_
         position.evals_since_best += 1
     report.say(f"step {position.step}: validation loss {val_loss:.4f}"
                + (" (best so far)" if improved else f" (best {position.best_val_loss:.4f} "
-                                                    f"at step {position.best_step})"))
+                                                    f"at step {position.best_step})")
+               + stats_text(stats))
     report.event({
         "event": "val", "step": position.step, "epoch": position.epoch, "val_loss": val_loss,
-        "trained_tokens": position.trained_tokens, "peak_memory_gb": round(peak_memory_gb(), 4),
+        **{f"val_{name}": value for name, value in stats.items()},
+        f"trained_{report.unit}": position.trained_tokens,
+        "peak_memory_gb": round(peak_memory_gb(), 4),
         "elapsed_s": round(position.elapsed_s, 3)})
     return val_loss
 

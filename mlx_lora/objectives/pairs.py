@@ -1,0 +1,146 @@
+"""Preference pairs as training data: tokenized halves, batches of 2B rows, the loss's arrays.
+
+A batch of B pairs is one (2B, L) array, the chosen halves in rows 0..B-1 and the rejected in
+rows B..2B-1, so both go through the model in one pass. Only the response tokens carry loss;
+the prompt is context (tokenized alike in both halves, as both render the same messages).
+"""
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_lora.config import TrainConfig
+from mlx_lora.console import status
+from mlx_lora.data.batching import Batch, batch_plan, loss_positions, make_batch
+from mlx_lora.data.records import Record, problems_error
+from mlx_lora.data.template import check_chat_template, render
+from mlx_lora.data.tokenize import Example
+from mlx_lora.errors import UserError
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair; reference: the starting model's log-probabilities of the chosen
+    and rejected responses (summed over their tokens), once the run has computed them."""
+
+    chosen: Example
+    rejected: Example
+    reference: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """B pairs as 2B padded rows, and the reference log-probabilities of each row."""
+
+    rows: Batch
+    reference: np.ndarray  # (2B,) float32; zeros before the reference pass
+    n_pairs: int
+
+
+def to_pairs(records: list[Record], tokenizer, config: TrainConfig, name: str) -> list[Pair]:
+    """Tokenize a split's preference records; pairs with no response token left are skipped."""
+    if bad := [r for r in records if r.kind != "preference"]:
+        raise problems_error([
+            f"{r.source}: a {r.kind} record, but --train-mode {config.train_mode} trains on "
+            'preference pairs: {"prompt", "chosen", "rejected"} (strings or message lists) or '
+            'ShareGPT {"conversations", "chosen", "rejected"}' for r in bad])
+    check_chat_template([h for r in records for h in (r.chosen, r.rejected)], tokenizer, name)
+    pairs, problems, n_truncated = [], [], 0
+    for record in records:
+        try:
+            halves = [_example(h, tokenizer, config.max_seq_length)
+                      for h in (record.chosen, record.rejected)]
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        n_truncated += any(truncated for _, truncated in halves)
+        if all(example is not None for example, _ in halves):
+            pairs.append(Pair(halves[0][0], halves[1][0]))
+    if problems:
+        raise problems_error(problems)
+    if n_truncated:
+        status(f"warning: {n_truncated} of {len(records)} pairs in {name} were longer than "
+               f"--max-seq-length {config.max_seq_length} and were truncated")
+    if not pairs:
+        raise UserError(f"{name}: no pair has a response token within --max-seq-length "
+                        f"{config.max_seq_length}; raise it")
+    if len(pairs) < len(records):
+        status(f"warning: {len(records) - len(pairs)} pairs from {name} had no response token "
+               "left after truncation and were skipped")
+    return pairs
+
+
+def _example(half: Record, tokenizer, max_seq_length: int) -> tuple[Example | None, bool]:
+    try:
+        ids, flags = render(half, tokenizer, mask_prompt=True, max_tokens=max_seq_length)
+    except UserError:
+        raise  # already says which record and why
+    except Exception as e:  # the tokenizer's own refusal, whatever its type
+        raise UserError(f"{half.source}: the tokenizer cannot encode this record "
+                        f"({type(e).__name__}: {e})") from None
+    truncated = len(ids) > max_seq_length
+    ids, flags = ids[:max_seq_length], flags[:max_seq_length]
+    if len(ids) < 2 or not any(flags[1:]):
+        return None, truncated
+    return Example(np.asarray(ids, np.int32), np.asarray(flags, np.bool_)), truncated
+
+
+def pair_lengths(pairs: list[Pair]) -> list[int]:
+    """A pair's length for batching: its longer half."""
+    return [max(len(p.chosen.ids), len(p.rejected.ids)) - 1 for p in pairs]
+
+
+def make_pair_batch(pairs: list[Pair], indices: list[int], max_seq_length: int) -> PairBatch:
+    """The pairs at `indices` as 2B rows: chosen halves first, then rejected."""
+    chosen = [pairs[i] for i in indices]
+    halves = [p.chosen for p in chosen] + [p.rejected for p in chosen]
+    rows = make_batch(halves, list(range(len(halves))), max_seq_length)
+    reference = np.array([p.reference[0] if p.reference else 0.0 for p in chosen]
+                         + [p.reference[1] if p.reference else 0.0 for p in chosen], np.float32)
+    return PairBatch(rows, reference, len(chosen))
+
+
+def with_reference(pairs: list[Pair], logps: np.ndarray) -> list[Pair]:
+    """The pairs with their reference log-probabilities, logps (n, 2) in pair order."""
+    return [dataclasses.replace(p, reference=(float(c), float(r)))
+            for p, (c, r) in zip(pairs, logps, strict=True)]
+
+
+def pair_batches(pairs: list[Pair], config: TrainConfig, pack: bool, epoch: int = 0,
+                 cursor: int = 0) -> Iterator[tuple[int, int, PairBatch]]:
+    """(epoch, cursor after this batch, batch) forever; pairs are never packed."""
+    lengths = pair_lengths(pairs)
+    while True:
+        plan = batch_plan(lengths, config.batch_size, config.seed, epoch)
+        for index in range(cursor, len(plan)):
+            yield epoch, index + 1, make_pair_batch(pairs, plan[index], config.max_seq_length)
+        epoch, cursor = epoch + 1, 0
+
+
+def eval_pair_batches(pairs: list[Pair], config: TrainConfig) -> Iterator[PairBatch]:
+    """The first val_batches batches (-1: all), sorted by length to pad little."""
+    lengths = pair_lengths(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
+    plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    if config.val_batches > 0:
+        plan = plan[:config.val_batches]
+    for indices in plan:
+        yield make_pair_batch(pairs, indices, config.max_seq_length)
+
+
+def pair_arrays(batch: PairBatch) -> tuple:
+    """(inputs, positions, targets, weights, rows, n_tokens, reference) for the loss.
+
+    rows (P,): the row each loss position belongs to (0 for padding, whose weight is 0);
+    n_tokens (2B,): response tokens per row.
+    """
+    rows = batch.rows
+    positions, weights = loss_positions(rows.loss_mask)
+    width = rows.inputs.shape[1]
+    return (mx.array(rows.inputs), mx.array(positions),
+            mx.array(rows.targets.reshape(-1)[positions]), mx.array(weights),
+            mx.array(positions // width), mx.array(rows.loss_mask.sum(axis=1)),
+            mx.array(batch.reference))
