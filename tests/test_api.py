@@ -126,7 +126,8 @@ def test_bad_records_raise_the_cli_message_before_any_model_loads(tmp_path):
     lines = str(error.value).splitlines()
     assert lines[0] == 'train[0]: "text" is empty'
     assert lines[1].startswith("train[1]: a completion record, but record 0 is a text record")
-    assert lines[2].startswith('train[2]: no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key')
+    assert lines[2].startswith('train[2]: no "text", "prompt"/"completion", "messages" or '
+                               '"chosen"/"rejected" key')
     assert not (tmp_path / "run").exists()
 
 

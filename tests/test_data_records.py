@@ -44,7 +44,8 @@ BAD = [
     (['[', '  "a"', ']'], "train.jsonl:2: expected a JSON object, found a string"),
     (["3"], "train.jsonl:1: expected a JSON object, found a number"),
     (['{"input": "a", "output": "b"}'],
-     'train.jsonl:1: no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key (found: input, output)'),
+     'train.jsonl:1: no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key '
+     "(found: input, output)"),
     (['{"text": 5}'], 'train.jsonl:1: "text" must be a string, found a number'),
     (['{"text": "  "}'], 'train.jsonl:1: "text" is empty'),
     (['{"prompt": "a"}'], 'train.jsonl:1: no "completion"'),
