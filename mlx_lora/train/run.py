@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,15 +95,20 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
+    prepared = time.perf_counter()
     if objective.prepare:  # from the model as it starts, before any checkpoint loads
         examples = {split: objective.prepare(trainee.model, trainee.split, split_set, config)
                     for split, split_set in examples.items()}
         train_set, valid_set = examples["train"], examples.get("valid", [])
+    prepared = time.perf_counter() - prepared
     steps = total_steps(config, len(train_set))
     optimizer = build_optimizer(config, steps)
     position = _start_position(adapter_dir, trainee.model, optimizer, resume, report)
     optimizer.init(trainee.model.trainable_parameters())
     report.start(to_dict(config), position)
+    if objective.prepare:
+        report.event({"event": "prepare", "step": position.step, "objective": objective.name,
+                      "elapsed_s": round(prepared, 3)})
     what = "pairs" if objective.unit == "pairs" else "examples"
     report.say(f"training {steps} steps on {len(train_set)} {what} "
                f"({len(valid_set)} for validation) into {adapter_dir}")
