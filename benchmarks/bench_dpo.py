@@ -1,16 +1,18 @@
 """The same DPO job through mlx_lora and through mlx-lm-lora, side by side.
 
-    python benchmarks/bench_dpo.py [--iters N] [--sides mlx_lm_lora,mlx_lora]
+    python benchmarks/bench_dpo.py [--iters N] [--sides mlx_lm_lora,mlx_lora,mlx_lora_sft]
 
 Both sides train LoRA (rank 8, alpha 16, every linear layer) with sigmoid DPO (beta 0.1) on
 the same model, pairs and hyper-parameters, each in its own process so peak memory is its own.
 mlx-lm-lora 5.10.2 is installed (without its dependencies, which ours already has) under the
 work dir, never into this project's environment, and run through its own `main()` as its
 CLI runs it. It calls `mx.device_info()["max_recommended_working_set_size"]`, a key only the
-Metal backend has; its process gets that one key added (the backend's memory size), nothing
-else changed. Afterwards one referee scores both adapters: the reward accuracy and margin of
+Metal backend has; its process gets that one key added (the machine's memory), nothing else
+changed. Afterwards one referee scores both adapters: the reward accuracy and margin of
 each on the held-out pairs against the base, from the full logits. The last stdout line is
-one JSON object.
+one JSON object. A third side, mlx_lora_sft, trains SFT on the same sequences (each pair's
+halves as prompt/completion records, twice the batch size): DPO's peak memory over it is the
+cost of the preference objective itself.
 """
 
 import argparse
@@ -28,7 +30,7 @@ from pathlib import Path
 from bench_train import DATA, ROOT, qwen_shaped_model, write_jsonl
 
 PEER = "mlx-lm-lora==5.10.2"
-SIDES = ("mlx_lm_lora", "mlx_lora")
+SIDES = ("mlx_lm_lora", "mlx_lora", "mlx_lora_sft")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ def summary(job: Job, results: dict) -> dict:
     if theirs and ours:
         ratios = {"pairs_per_sec": ours["pairs_per_sec"] / theirs["pairs_per_sec"],
                   "peak_memory": ours["peak_memory_gb"] / theirs["peak_memory_gb"]}
+    if ours and results.get("mlx_lora_sft"):
+        ratios["peak_memory_dpo_over_sft"] = (ours["peak_memory_gb"]
+                                              / results["mlx_lora_sft"]["peak_memory_gb"])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     settings = {k: v for k, v in asdict(job).items() if k not in ("data", "valid", "peer_dir")}
     return {**settings, "machine": machine, **results,
@@ -151,9 +156,9 @@ def run_mlx_lm_lora(job: Job, out_dir: Path) -> dict:
 
     sys.path.insert(0, job.peer_dir)
     device_info = mx.device_info
-    # The one line it needs off Metal: the working-set key, set to the backend's memory size.
-    mx.device_info = lambda: {"max_recommended_working_set_size": device_info()["memory_size"],
-                              **device_info()}
+    # The one line it needs off Metal: the working-set key, set to the machine's memory.
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    mx.device_info = lambda: {"max_recommended_working_set_size": memory, **device_info()}
     from mlx_lm_lora import train as peer
 
     timing = {}
@@ -208,6 +213,28 @@ def run_mlx_lora(job: Job, out_dir: Path) -> dict:
             "peak_memory_gb": round(peak, 3), **referee(job, out_dir)}
 
 
+def run_mlx_lora_sft(job: Job, out_dir: Path) -> dict:
+    """SFT on the same sequences, for DPO's memory to be measured against: each pair's two
+    halves as prompt/completion records, 2 x batch size of them per batch, unpacked."""
+    import mlx.core as mx
+
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.train.run import train
+
+    records = [json.loads(line) for line in
+               (Path(job.data) / "train.jsonl").read_text().splitlines()]
+    halves = [{"prompt": r["prompt"], "completion": r[half]} for r in records
+              for half in ("chosen", "rejected")]
+    config = TrainConfig(model=job.model, data="records", adapter_path=str(out_dir),
+                         iters=job.iters, batch_size=2 * job.batch_size, mask_prompt=True,
+                         pack=False, max_seq_length=job.max_seq_length,
+                         learning_rate=job.learning_rate, optimizer="adam", rank=job.rank,
+                         alpha=job.alpha, seed=job.seed, steps_per_report=job.iters,
+                         save_every=job.iters)
+    train(config, overwrite=True, data=halves)
+    return {"peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
+
+
 def referee(job: Job, adapter_dir: Path) -> dict:
     """Reward accuracy and mean margin on the held-out pairs: beta * (log p_adapted - log
     p_base) of chosen against rejected, each from the full logits, one pair at a time."""
@@ -239,7 +266,8 @@ def referee(job: Job, adapter_dir: Path) -> dict:
             "val_reward_margin": round(margins / len(pairs), 5), "val_pairs": len(pairs)}
 
 
-RUNNERS = {"mlx_lm_lora": run_mlx_lm_lora, "mlx_lora": run_mlx_lora}
+RUNNERS = {"mlx_lm_lora": run_mlx_lm_lora, "mlx_lora": run_mlx_lora,
+           "mlx_lora_sft": run_mlx_lora_sft}
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))  # run from a clone without installing
