@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from mlx_lora.data.records import Record, read_records
+from mlx_lora.data.records import Record, plain_records, read_records
 from mlx_lora.data.sources import find_splits
 from mlx_lora.data.template import check_chat_template
 from mlx_lora.data.tokenize import Example, tokenize_with_stats
@@ -50,12 +50,19 @@ def show_targets(example: Example, tokenizer) -> str:
 
 
 def inspect_data(data: str, tokenizer, max_seq_length: int, mask_prompt: bool):
-    """(stats per split, the first training example with its targets marked)."""
+    """(stats per split, the first training example with its targets marked).
+
+    A preference pair shows as its two halves, only the responses carrying loss, as
+    --train-mode dpo and orpo train them.
+    """
     stats, first = [], None
     for split, path in find_splits(data).items():
         records = read_records(path)
-        check_chat_template(records, tokenizer, path)
-        examples, counts = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
+        halves = plain_records(records)
+        check_chat_template(halves, tokenizer, path)
+        pairs = len(halves) > len(records)
+        examples, counts = tokenize_with_stats(halves, tokenizer, max_seq_length,
+                                               mask_prompt or pairs)
         stats.append(split_stats(split, path, records, examples, counts.n_truncated))
         if split == "train" and examples:
             first = show_targets(examples[0], tokenizer)
