@@ -80,7 +80,8 @@ def test_loss_and_gradient_equal_the_full_logits_reference(kind, tiny_llama):
     # References near the policy's own, so that every loss (hinge's too) is active.
     start = np.array(full_logits_logps(model, make_pair_batch(pairs, list(range(6)), 64)))
     noise = np.random.default_rng(0).normal(0, 1, start.shape)
-    pairs = with_reference(pairs, (start + noise).reshape(2, -1).T.astype(np.float32))
+    pairs = with_reference(pairs, list(range(6)),
+                           (start + noise).reshape(2, -1).T.astype(np.float32))
     batch = make_pair_batch(pairs, list(range(6)), 64)
     arrays = pair_arrays(batch)
     split = split_model(model)[0]
@@ -108,7 +109,7 @@ def test_micro_batches_accumulate_to_the_larger_batch(tiny_llama):
     config = TrainConfig(train_mode="dpo", max_seq_length=64)
     objective = preference_objective(config)
     pairs = to_pairs(records_from_objects(PAIRS[:4], "train"), loaded.tokenizer, config, "t")
-    pairs = with_reference(pairs, np.full((4, 2), -20.0, np.float32))
+    pairs = with_reference(pairs, list(range(4)), np.full((4, 2), -20.0, np.float32))
     grad_step = make_grad_step(loaded.model, objective.make_loss(
         loaded.model, split_model(loaded.model)[0], with_grad=True))
     results = []
@@ -200,3 +201,19 @@ def test_orpo_weight_defaults_to_beta():
     assert objective.prepare is None  # ORPO has no reference
     objective = preference_objective(TrainConfig(train_mode="orpo", beta=0.25, orpo_lambda=0.5))
     assert objective.make_loss.args[0].keywords == {"weight": 0.5}
+
+
+def test_the_reference_covers_exactly_the_pairs_the_run_reads(tiny_llama):
+    loaded = load_base(str(tiny_llama))
+    config = TrainConfig(train_mode="dpo", batch_size=3, val_batches=2, max_seq_length=64)
+    pairs = to_pairs(records_from_objects(PAIRS, "train"), loaded.tokenizer, config, "t")
+    objective = preference_objective(config)
+    split = split_model(loaded.model)[0]
+    trained = objective.prepare(loaded.model, split, pairs, config, 3)
+    batches = objective.train_batches(trained, config, False)
+    read = [next(batches)[2] for _ in range(3)]
+    assert all(bool(np.any(b.reference != 0)) for b in read)  # every row it reads has one
+    assert sum(p.reference is not None for p in trained) == 9 < len(pairs)
+    evaluated = objective.prepare(loaded.model, split, pairs, config, None)
+    assert sum(p.reference is not None for p in evaluated) == 6
+    assert all(np.all(b.reference != 0) for b in objective.eval_batches(evaluated, config))

@@ -86,9 +86,10 @@ def to_examples(records: list[Record], tokenizer, max_seq_length: int, mask_prom
                 name: str) -> list[Example]:
     """Tokenize one split's records (named `name` in messages); warn about truncations."""
     if pairs := [r.source for r in records if r.kind == "preference"]:
-        raise UserError(f"{pairs[0]}: a preference pair (chosen/rejected); train pairs with "
-                        "--train-mode dpo or orpo, or write the chosen response as a "
-                        "completion for supervised training")
+        raise UserError(f"{pairs[0]}: a preference pair (chosen/rejected), which only "
+                        "--train-mode dpo or orpo reads (their validation reports reward "
+                        "accuracy); for supervised training or eval, write the chosen response "
+                        "as a completion")
     check_chat_template(records, tokenizer, name)
     examples, stats = tokenize_with_stats(records, tokenizer, max_seq_length, mask_prompt)
     if stats.n_truncated:

@@ -94,19 +94,38 @@ def pair_lengths(pairs: list[Pair]) -> list[int]:
 
 
 def make_pair_batch(pairs: list[Pair], indices: list[int], max_seq_length: int) -> PairBatch:
-    """The pairs at `indices` as 2B rows: chosen halves first, then rejected."""
+    """The pairs at `indices` as 2B rows: chosen halves first, then rejected. A pair without
+    a reference gets zeros (ORPO's, or the reference pass itself)."""
     chosen = [pairs[i] for i in indices]
     halves = [p.chosen for p in chosen] + [p.rejected for p in chosen]
     rows = make_batch(halves, list(range(len(halves))), max_seq_length)
-    reference = np.array([p.reference[0] if p.reference else 0.0 for p in chosen]
-                         + [p.reference[1] if p.reference else 0.0 for p in chosen], np.float32)
+    references = [p.reference or (0.0, 0.0) for p in chosen]
+    reference = np.array([r[0] for r in references] + [r[1] for r in references], np.float32)
     return PairBatch(rows, reference, len(chosen))
 
 
-def with_reference(pairs: list[Pair], logps: np.ndarray) -> list[Pair]:
-    """The pairs with their reference log-probabilities, logps (n, 2) in pair order."""
-    return [dataclasses.replace(p, reference=(float(c), float(r)))
-            for p, (c, r) in zip(pairs, logps, strict=True)]
+def with_reference(pairs: list[Pair], indices: list[int], logps: np.ndarray) -> list[Pair]:
+    """The pairs, those at `indices` with their reference log-probabilities (logps (n, 2),
+    in the order of indices)."""
+    found = dict(zip(indices, logps.tolist(), strict=True))
+    return [dataclasses.replace(p, reference=tuple(found[i])) if i in found else p
+            for i, p in enumerate(pairs)]
+
+
+def read_by_training(pairs: list[Pair], config: TrainConfig, n_batches: int) -> list[int]:
+    """The pairs the first n_batches training batches hold (pair_batches from the start)."""
+    lengths, used, epoch = pair_lengths(pairs), set(), 0
+    while n_batches > 0 and len(used) < len(pairs):
+        plan = batch_plan(lengths, config.batch_size, config.seed, epoch)
+        for indices in plan[:n_batches]:
+            used.update(indices)
+        n_batches, epoch = n_batches - len(plan), epoch + 1
+    return sorted(used)
+
+
+def read_by_evaluation(pairs: list[Pair], config: TrainConfig) -> list[int]:
+    """The pairs eval_pair_batches reads, in its order."""
+    return [i for batch in _eval_plan(pairs, config) for i in batch]
 
 
 def pair_batches(pairs: list[Pair], config: TrainConfig, pack: bool, epoch: int = 0,
@@ -122,13 +141,15 @@ def pair_batches(pairs: list[Pair], config: TrainConfig, pack: bool, epoch: int 
 
 def eval_pair_batches(pairs: list[Pair], config: TrainConfig) -> Iterator[PairBatch]:
     """The first val_batches batches (-1: all), sorted by length to pad little."""
+    for indices in _eval_plan(pairs, config):
+        yield make_pair_batch(pairs, indices, config.max_seq_length)
+
+
+def _eval_plan(pairs: list[Pair], config: TrainConfig) -> list[list[int]]:
     lengths = pair_lengths(pairs)
     order = sorted(range(len(pairs)), key=lambda i: lengths[i])
     plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if config.val_batches > 0:
-        plan = plan[:config.val_batches]
-    for indices in plan:
-        yield make_pair_batch(pairs, indices, config.max_seq_length)
+    return plan[:config.val_batches] if config.val_batches > 0 else plan
 
 
 def pair_arrays(batch: PairBatch) -> tuple:

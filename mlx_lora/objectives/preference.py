@@ -26,6 +26,8 @@ from mlx_lora.objectives.pairs import (
     pair_arrays,
     pair_batches,
     pair_lengths,
+    read_by_evaluation,
+    read_by_training,
     to_pairs,
     with_reference,
 )
@@ -98,25 +100,33 @@ def make_preference_loss(terms, model: nn.Module, split: Split | None,
 
 
 def reference_pass(model: nn.Module, split: Split | None, pairs: list[Pair],
-                   config: TrainConfig) -> list[Pair]:
-    """The pairs with the current model's log-probabilities of both responses, in eval mode."""
+                   config: TrainConfig, train_batches: int | None) -> list[Pair]:
+    """The pairs the run will read with the current model's log-probabilities of both
+    responses (eval mode); the rest are left without.
+
+    train_batches: how many training batches the run reads from this split; None for an
+    evaluation split (its first config.val_batches evaluation batches).
+    """
     started = time.perf_counter()
+    if train_batches is None:
+        wanted = read_by_evaluation(pairs, config)
+    else:
+        wanted = read_by_training(pairs, config, train_batches)
     step = mx.compile(partial(sequence_logps, model, split, False), inputs=model.state)
     lengths = pair_lengths(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
-    logps = np.zeros((len(pairs), 2), np.float32)
+    order = sorted(wanted, key=lambda i: lengths[i])
+    logps = np.zeros((len(order), 2), np.float32)
     training = model.training
     model.eval()
     for start in range(0, len(order), config.batch_size):
-        indices = order[start:start + config.batch_size]
-        inputs, positions, targets, weights, rows, _, _ = pair_arrays(
-            make_pair_batch(pairs, indices, config.max_seq_length))
+        inputs, positions, targets, weights, rows, _, _ = pair_arrays(make_pair_batch(
+            pairs, order[start:start + config.batch_size], config.max_seq_length))
         values = np.array(step(inputs, positions, targets, weights, rows))
-        logps[indices] = values.reshape(2, -1).T
+        logps[start:start + config.batch_size] = values.reshape(2, -1).T
     model.train(training)
-    status(f"reference log-probabilities of {len(pairs)} pairs computed in "
+    status(f"reference log-probabilities of the {len(order)} pairs the run reads, computed in "
            f"{time.perf_counter() - started:.1f} s (once; kept with the pairs)")
-    return with_reference(pairs, logps)
+    return with_reference(pairs, order, logps)
 
 
 def preference_objective(config: TrainConfig) -> Objective:

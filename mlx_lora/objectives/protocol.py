@@ -23,8 +23,10 @@ class Objective:
     arrays(batch) -> the loss's array arguments
     count(batch) -> the units the batch holds (target tokens, pairs): an update's divisor
     make_loss(model, split, with_grad) -> LossFn; split is the model's head split or None
-    prepare(model, split, examples, config) -> the examples with what the objective needs from
-        the model as training starts (DPO: reference log-probabilities); None: nothing
+    prepare(model, split, examples, config, train_batches) -> the examples with what the
+        objective needs from the model as training starts (DPO: reference log-probabilities),
+        for the first train_batches training batches, or (None) the evaluation batches of an
+        evaluation split; None: nothing to prepare
     """
 
     name: str

@@ -95,13 +95,9 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
-    prepared = time.perf_counter()
-    if objective.prepare:  # from the model as it starts, before any checkpoint loads
-        examples = {split: objective.prepare(trainee.model, trainee.split, split_set, config)
-                    for split, split_set in examples.items()}
-        train_set, valid_set = examples["train"], examples.get("valid", [])
-    prepared = time.perf_counter() - prepared
     steps = total_steps(config, len(train_set))
+    examples, prepared = _objective_prepare(trainee, config, examples, steps)
+    train_set, valid_set = examples["train"], examples.get("valid", [])
     optimizer = build_optimizer(config, steps)
     position = _start_position(adapter_dir, trainee.model, optimizer, resume, report)
     optimizer.init(trainee.model.trainable_parameters())
@@ -152,6 +148,21 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     # Only a token loss has a uniform-output value (ln vocabulary) to recognize divergence by.
     vocab = vocab_rows(model) if objective.unit == "tokens" else None
     return Trainee(model, objective, probe.split, pack, report, vocab), config
+
+
+def _objective_prepare(trainee: Trainee, config: TrainConfig, examples: dict,
+                       steps: int) -> tuple[dict, float]:
+    """The examples as the objective prepares them from the model as it starts (before any
+    checkpoint loads), for the batches the run reads; and the seconds it took."""
+    started = time.perf_counter()
+    prepare = trainee.objective.prepare
+    if prepare is None:
+        return examples, 0.0
+    reads = {"train": (config, steps * config.grad_accumulation_steps), "valid": (config, None),
+             "test": (dataclasses.replace(config, val_batches=config.test_batches), None)}
+    prepared = {split: prepare(trainee.model, trainee.split, split_set, *reads[split])
+                for split, split_set in examples.items()}
+    return prepared, time.perf_counter() - started
 
 
 def _finish(trainee: Trainee, config: TrainConfig, position: Position, validated: bool) -> None:
