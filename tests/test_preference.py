@@ -217,3 +217,18 @@ def test_the_reference_covers_exactly_the_pairs_the_run_reads(tiny_llama):
     evaluated = objective.prepare(loaded.model, split, pairs, config, None)
     assert sum(p.reference is not None for p in evaluated) == 6
     assert all(np.all(b.reference != 0) for b in objective.eval_batches(evaluated, config))
+
+
+def test_cli_trains_orpo_on_a_json_array_of_sharegpt_pairs(tiny_llama, tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": p["prompt"]}],
+             "chosen": {"from": "gpt", "value": p["chosen"]},
+             "rejected": {"from": "gpt", "value": p["rejected"]}} for p in PAIRS[:8]]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows, indent=2))
+    result = CliRunner().invoke(cli, [
+        "train", "--model", str(tiny_llama), "--data", str(tmp_path / "pairs.json"),
+        "--train-mode", "orpo", "--iters", "2", "--batch-size", "4",
+        "--adapter-path", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "packing: off (orpo batches whole pairs)" in result.output
+    done = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()][-1]
+    assert done["event"] == "done" and done["trained_pairs"] == 8
