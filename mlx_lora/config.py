@@ -30,7 +30,8 @@ class TrainConfig:
                               choices=("sigmoid", "ipo", "hinge"), aliases=("dpo_cpo_loss_type",))
     orpo_lambda: float = _opt(
         -1.0, "ORPO: weight of the odds-ratio term; -1 = --beta (as TRL and mlx-lm-lora use it).")
-    fine_tune_type: str = _opt("lora", "Adapter method.", choices=("lora",),
+    fine_tune_type: str = _opt("lora", "Adapter method: lora, or dora (LoRA with a learned "
+                               "magnitude per output row).", choices=("lora", "dora"),
                                aliases=("train_type",))
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import randomize_lora_b
 
 from mlx_lora.adapters.inject import inject, make_spec
-from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig, to_dict
@@ -23,15 +23,14 @@ from mlx_lora.model.load import load_base
 
 
 def make_adapter(model_dir: Path, adapter_dir: Path, *, quantize: int = 0, b_std: float = 0.05,
-                 targets: str = "all-linear", seed: int = 0) -> Path:
-    """An adapter as a run would save it, with random (non-zero) lora_b."""
+                 targets: str = "all-linear", seed: int = 0, method: str = "lora") -> Path:
+    """An adapter as a run would save it, with random (non-zero) lora_b (and DoRA's m)."""
     mx.random.seed(seed)
     loaded = load_base(str(model_dir), quantize=quantize)
-    spec = make_spec(loaded.model, "lora", targets, -1, Hyper(4, 8.0))
+    spec = make_spec(loaded.model, method, targets, -1, Hyper(4, 8.0))
     inject(loaded.model, spec)
-    for _, module in loaded.model.named_modules():
-        if isinstance(module, LoRALinear):
-            module.lora_b = mx.random.normal(module.lora_b.shape) * b_std
+    if b_std:
+        randomize_lora_b(loaded.model, seed + 1, b_std)
     save_adapters(adapter_dir, loaded.model, spec, str(model_dir))
     # A QLoRA run records how it loaded the base; the fuse loads the base the same way.
     run = TrainConfig(model=str(model_dir), quantize=quantize, adapter_path=str(adapter_dir))
@@ -77,9 +76,10 @@ def check_fused_equals_adapted(base_dir: Path, adapter: Path, tmp_path: Path, qu
     assert result.adapter_effect > 0.1  # the adapter does change the logits
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("quantize", [0, 4])
-def test_fused_dir_loads_in_mlx_lm_with_adapted_logits(base_dir, quantize, tmp_path):
-    adapter = make_adapter(base_dir, tmp_path / "adapter", quantize=quantize)
+def test_fused_dir_loads_in_mlx_lm_with_adapted_logits(base_dir, quantize, method, tmp_path):
+    adapter = make_adapter(base_dir, tmp_path / "adapter", quantize=quantize, method=method)
     check_fused_equals_adapted(base_dir, adapter, tmp_path, quantized=bool(quantize))
 
 

@@ -55,6 +55,7 @@ EXPORT_CASES = {
     "all-linear": dict(),
     "rslora, q/v of the last block": dict(targets="q_proj,v_proj", num_layers=1, rslora=True,
                                           alpha=6.0),
+    "dora": dict(method="dora"),
 }
 
 
@@ -77,6 +78,7 @@ PEFT_CASES = {
     "rslora, all-linear": dict(target_modules="all-linear", use_rslora=True, lora_alpha=8),
     "regex, some layers": dict(target_modules=r"model\.layers\.1\.(self_attn|mlp)\..*_proj",
                                lora_alpha=4),
+    "dora": dict(target_modules="all-linear", lora_alpha=8, use_dora=True),
 }
 
 
@@ -136,10 +138,14 @@ def test_peft_features_we_cannot_carry_are_refused(tiny_llama, tmp_path):
     export_adapter(adapter, "peft", tmp_path / "peft")
     config_path = tmp_path / "peft" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    for key, value in {"use_dora": True, "rank_pattern": {"q_proj": 8}, "bias": "all"}.items():
+    for key, value in {"lora_bias": True, "rank_pattern": {"q_proj": 8}, "bias": "all"}.items():
         config_path.write_text(json.dumps({**config, key: value}))
         with pytest.raises(UserError, match=key):
             load_adapted(str(tiny_llama), str(tmp_path / "peft"))
+    # DoRA is carried, but a DoRA config needs its magnitudes: named, not guessed.
+    config_path.write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(UserError, match="no tensor .*lora_magnitude_vector"):
+        load_adapted(str(tiny_llama), str(tmp_path / "peft"))
     with pytest.raises(UserError, match="already in peft"):
         export_adapter(tmp_path / "peft", "peft", tmp_path / "again")
 

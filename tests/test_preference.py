@@ -131,12 +131,13 @@ def test_micro_batches_accumulate_to_the_larger_batch(tiny_llama):
         np.testing.assert_allclose(np.array(grads2[name]), np.array(grad), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("quantize", [0, 4])
-def test_dpo_starts_at_log_2_and_its_first_step_moves_the_adapter(quantize, tiny_llama, tmp_path):
+@pytest.mark.parametrize("method,quantize", [("lora", 0), ("lora", 4), ("dora", 0), ("dora", 4)])
+def test_dpo_starts_at_log_2_and_its_first_step_moves_the_adapter(method, quantize, tiny_llama,
+                                                                   tmp_path):
     events = []
     run = Finetune(model=str(tiny_llama), data={"train": PAIRS[:16], "valid": PAIRS[16:]},
                    adapter_path=str(tmp_path / "out"), quantize=quantize,
-                   **{**SETTINGS, "iters": 1})
+                   fine_tune_type=method, **{**SETTINGS, "iters": 1})
     assert run.train(callback=events.append).finished
     val0 = next(e for e in events if e["event"] == "val" and e["step"] == 0)
     assert val0["val_loss"] == pytest.approx(math.log(2), abs=1e-7)

@@ -65,4 +65,5 @@ LORA = Method(
     trainable=("lora_a", "lora_b"),
     peft_type="LORA",
     peft_names={"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"},
+    peft_config={"use_dora": False},
 )

@@ -1,7 +1,7 @@
 """The adapter contract, written once: hyper-parameters, the layer, and a method's table entry."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import mlx.core as mx
@@ -64,4 +64,5 @@ class Method:
     wraps: tuple[type, ...]  # the base layer types it can wrap
     trainable: tuple[str, ...]  # the layer's parameters that train
     peft_type: str  # PEFT's peft_type for this method
-    peft_names: dict[str, str]  # our parameter name -> PEFT's, for 2-D tensors stored transposed
+    peft_names: dict[str, str]  # our parameter name -> PEFT's (2-D tensors stored transposed)
+    peft_config: dict = field(default_factory=dict)  # PEFT config keys that mark the method

@@ -27,7 +27,7 @@ PREFIX = "base_model.model."
 BLOCK_PATH = re.compile(r"(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)")
 # PEFT options that change what the adapter computes and that our LoRA cannot carry.
 UNSUPPORTED = {
-    "use_dora": "DoRA", "lora_bias": "trained LoRA biases", "fan_in_fan_out": "Conv1D layers",
+    "lora_bias": "trained LoRA biases", "fan_in_fan_out": "Conv1D layers",
     "modules_to_save": "fully trained modules", "rank_pattern": "per-module ranks",
     "alpha_pattern": "per-module alphas", "layer_replication": "layer replication",
     "target_parameters": "adapters on parameters", "trainable_token_indices": "trained tokens",
@@ -120,7 +120,7 @@ def peft_config(method: Method, paths: list[str], hyper: Hyper, base_model: str 
         "lora_dropout": hyper.dropout,
         **target_modules(paths, num_blocks),
         "bias": "none",
-        "use_dora": False,
+        **method.peft_config,
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "rank_pattern": {},
@@ -150,7 +150,8 @@ def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
         raise UserError(f"{config_path}: cannot read PEFT's adapter config ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    method = next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")), None)
+    method = next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")
+                   and all(bool(config.get(k)) == v for k, v in m.peft_config.items())), None)
     if method is None:
         known = ", ".join(sorted({m.peft_type for m in METHODS.values()}))
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; "
