@@ -45,7 +45,8 @@ BAD = [
     (["3"], "train.jsonl:1: expected a JSON object, found a number"),
     (['{"input": "a", "output": "b"}'],
      'train.jsonl:1: no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key '
-     "(found: input, output)"),
+     "(found: input, output); closest format: prompt/completion; map the keys: --prompt-feature "
+     "input --completion-feature output (YAML: prompt_feature, completion_feature)"),
     (['{"text": 5}'], 'train.jsonl:1: "text" must be a string, found a number'),
     (['{"text": "  "}'], 'train.jsonl:1: "text" is empty'),
     (['{"prompt": "a"}'], 'train.jsonl:1: no "completion"'),
@@ -121,8 +122,8 @@ def test_bom_and_blank_lines_and_extra_keys(tmp_path):
     body = '{"text": "a", "id": 7}\n\n  \n{"text": "b"}\r\n'
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert read_records(path) == [
-        Record(kind="text", source="train.jsonl:1", text="a"),
-        Record(kind="text", source="train.jsonl:4", text="b"),
+        Record(kind="text", source="train.jsonl:1", text="a", origin="text"),
+        Record(kind="text", source="train.jsonl:4", text="b", origin="text"),
     ]
 
 
@@ -137,7 +138,8 @@ def test_good_formats(tmp_path):
     assert record.tools == tuple(tools)
     path = write(tmp_path, ['{"prompt": "p", "completion": "c"}'], "test.jsonl")
     assert read_records(path) == [
-        Record(kind="completion", source="test.jsonl:1", prompt="p", completion="c")
+        Record(kind="completion", source="test.jsonl:1", prompt="p", completion="c",
+               origin="completion")
     ]
 
 

@@ -1,10 +1,12 @@
 """Read data files' records and report every bad one as FILE:LINE: problem (or name[i]: ...)."""
 
 import dataclasses
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_lora.data.formats import LABELS, closest_format, convert, detect
 from mlx_lora.data.json_array import array_items, starts_array
 from mlx_lora.data.preference import is_preference, split_pair
 from mlx_lora.errors import UserError
@@ -27,12 +29,19 @@ class Record:
     response_start: int = 0  # chat: messages before this index are context, with no loss
     chosen: "Record | None" = None  # preference: the two halves, sharing the prompt
     rejected: "Record | None" = None
+    origin: str = ""  # the format it was read in: "chat", "completion", ..., "alpaca"
 
 
 def from_plain_text(record: Record) -> bool:
     """True for the one record of a .txt file, which the tokenizer cuts into chunks."""
     # A JSONL record's source always ends in ":LINE", so only a .txt file's ends in ".txt".
     return record.kind == "text" and record.source.lower().endswith(".txt")
+
+
+def data_suffix(path: Path) -> str:
+    """A data file's type: its suffix, under a .gz if it is compressed ("x.jsonl.gz": .jsonl)."""
+    path = Path(path)
+    return (Path(path.stem) if path.suffix.lower() == ".gz" else path).suffix.lower()
 
 
 def plain_records(records: list[Record]) -> list[Record]:
@@ -60,6 +69,11 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read the file ({e.strerror})") from None
+    if path.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise UserError(f"{name}: not a readable gzip file ({e})") from None
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some Windows editors write
         raw = raw[3:]
     lines, problems = _decode_lines(raw, name)
@@ -67,7 +81,7 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
         raise problems_error(problems)
     if not any(line.strip() for line in lines):
         raise UserError(f"{name}: the file is empty; it needs at least one record")
-    if path.suffix.lower() == ".txt":
+    if data_suffix(path) == ".txt":
         return [Record(kind="text", source=name, text="\n".join(lines))]
     text = "\n".join(lines)
     if starts_array(text):
@@ -137,31 +151,47 @@ def _records(items: list[tuple[str, str, object]],
              features: dict[str, str] | None) -> list[Record]:
     """Check (where, label, object) items: one format for all, each record valid."""
     records, problems = [], []
-    first_kind = None  # (kind, label) of the first record: the file's format
+    first = None  # (format, label) of the first record: the file's format
     for where, label, obj in items:
         if isinstance(obj, _NotJSON):
             problems.append(f"{where}: {obj}")
             continue
-        obj = _renamed(obj, features)
-        kind = _kind(obj)
-        if kind is None:
-            problems.append(f"{where}: {_not_a_record(obj)}")
+        shape, record, record_problems = _read_one(_renamed(obj, features), where)
+        if shape is not None and first is None:
+            first = (shape, label)
+        elif shape is not None and shape != first[0]:
+            problems.append(f"{where}: {_a(shape)} record, but {first[1]} is {_a(first[0])} "
+                            "record; use one format per file")
             continue
-        if first_kind is None:
-            first_kind = (kind, label)
-        elif kind != first_kind[0]:
-            problems.append(
-                f"{where}: a {kind} record, but {first_kind[1]} is a {first_kind[0]} "
-                "record; use one format per file"
-            )
-            continue
-        record_problems = CHECKS[kind](obj) or _not_unicode(obj)
         problems.extend(f"{where}: {p}" for p in record_problems)
-        if not record_problems:
-            records.append(_record(kind, obj, where))
+        if record is not None:
+            records.append(record)
     if problems:
         raise problems_error(problems)
     return records
+
+
+def _read_one(obj, where: str) -> tuple[str | None, Record | None, list[str]]:
+    """(the record's format, the record or None, its problems); a foreign format converted."""
+    foreign = detect(obj)
+    if foreign:
+        obj, problems = convert(obj, foreign)
+        if problems:
+            return foreign, None, problems
+    kind = _kind(obj)
+    if kind is None:
+        return None, None, [_not_a_record(obj)]
+    shape = foreign or kind
+    problems = CHECKS[kind](obj) or _not_unicode(obj)
+    if problems and foreign:
+        problems = [f"{p} (read as {LABELS[foreign]} -> {LABELS[kind]})" for p in problems]
+    if problems:
+        return shape, None, problems
+    return shape, dataclasses.replace(_record(kind, obj, where), origin=shape), []
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiouAEIOU' else 'a'} {word}"
 
 
 def _not_unicode(obj) -> list[str]:
@@ -212,7 +242,7 @@ def _not_a_record(obj) -> str:
         return f"expected a JSON object, found {_type_name(obj)}"
     found = ", ".join(sorted(obj)) or "no keys"
     return (f'no "text", "prompt"/"completion", "messages" or "chosen"/"rejected" key '
-            f"(found: {found})")
+            f"(found: {found}); {closest_format(obj)}")
 
 
 def _type_name(value) -> str:

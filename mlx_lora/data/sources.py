@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from mlx_lora.data.records import Record, read_records, records_from_objects
+from mlx_lora.data.records import Record, data_suffix, read_records, records_from_objects
 from mlx_lora.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -22,15 +22,17 @@ def find_splits(data: str) -> dict[str, Path]:
         raise UserError(f"{data}: neither a regular file nor a directory; --data takes a "
                         "directory holding train.jsonl or a single .jsonl, .json or .txt file")
     if path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
+        if data_suffix(path) not in SUFFIXES:
             raise UserError(
                 f"{data}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object "
-                "per line), .json (the same, or one array of objects) or .txt (plain text)"
+                "per line), .json (the same, or one array of objects) or .txt (plain text), "
+                "each also gzipped (.gz)"
             )
         return {"train": path}
     splits = {}
     for split in SPLITS:
-        found = [path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()]
+        found = [path / f"{split}{s}{z}" for s in SUFFIXES for z in ("", ".gz")
+                 if (path / f"{split}{s}{z}").is_file()]
         if len(found) > 1:
             raise UserError(f"{data}: both {found[0].name} and {found[1].name}; keep only one")
         if found:

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig, features, to_dict
+from mlx_lora.data.formats import describe
 from mlx_lora.data.packing import decide_packing, positions
 from mlx_lora.data.records import plain_records
 from mlx_lora.data.sources import read_splits
@@ -76,6 +77,8 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
     if warning := slow_blas_warning():
         report.say(warning)
     splits = read_splits(config.data if data is None else data, features(config))
+    for name, split_records in splits.values():
+        report.say(describe(name, split_records))
     if config.test and "test" not in splits:
         raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
     given = frozen_base(*base, {}, None, config.quantize, config.group_size,
