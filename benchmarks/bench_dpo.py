@@ -200,7 +200,7 @@ def run_mlx_lora(job: Job, out_dir: Path) -> dict:
                          batch_size=job.batch_size, max_seq_length=job.max_seq_length,
                          learning_rate=job.learning_rate, optimizer="adam", rank=job.rank,
                          alpha=job.alpha, seed=job.seed, steps_per_report=job.iters,
-                         save_every=job.iters)
+                         save_every=job.iters, valid_fraction=0.0)
     train(config, overwrite=True)
     peak = mx.get_peak_memory() / 1e9
     metrics = read_metrics(out_dir)
@@ -230,7 +230,7 @@ def run_mlx_lora_sft(job: Job, out_dir: Path) -> dict:
                          pack=False, max_seq_length=job.max_seq_length,
                          learning_rate=job.learning_rate, optimizer="adam", rank=job.rank,
                          alpha=job.alpha, seed=job.seed, steps_per_report=job.iters,
-                         save_every=job.iters)
+                         save_every=job.iters, valid_fraction=0.0)
     train(config, overwrite=True, data=halves)
     return {"peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
 

@@ -256,7 +256,7 @@ def run_mlx_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict
                          mask_prompt=job.mask_prompt, optimizer="adam", rank=job.rank,
                          alpha=job.alpha, seed=job.seed, steps_per_report=report_every(job),
                          save_every=job.iters, grad_checkpoint=grad_checkpoint,
-                         pack=job.pack)
+                         pack=job.pack, valid_fraction=0.0)
     train(config, overwrite=True)
     peak = mx.get_peak_memory() / 1e9
     metrics = read_metrics(out_dir)

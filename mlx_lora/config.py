@@ -75,6 +75,9 @@ class TrainConfig:
     steps_per_report: int = _opt(10, "Log training loss every N updates.")
     steps_per_eval: int = _opt(200, "Validation loss every N updates; 0 = only at the end.")
     val_batches: int = _opt(25, "Validation batches per evaluation; -1 = all.")
+    valid_fraction: float = _opt(
+        0.05, "Without a valid split, hold out this fraction of train (at least one batch, when "
+        "that is at most twice the fraction) for validation, chosen by --seed; 0 = never.")
     save_every: int = _opt(100, "Save adapters and a resume checkpoint every N updates.")
     keep_checkpoints: int = _opt(2, "Resume checkpoints to keep (the newest).")
     early_stopping_patience: int = _opt(
@@ -194,6 +197,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     for key in ("val_batches", "test_batches"):
         if getattr(config, key) == 0 or getattr(config, key) < -1:
             raise UserError(f"{source}: '{key}' must be -1 (all) or a positive count")
+    if not 0.0 <= config.valid_fraction < 1.0:
+        raise UserError(f"{source}: 'valid_fraction' must be in [0, 1), got "
+                        f"{config.valid_fraction}")
     if config.orpo_lambda < 0 and config.orpo_lambda != -1:
         raise UserError(f"{source}: 'orpo_lambda' must be -1 (use beta) or not negative")
     for key in ("adam_beta1", "adam_beta2"):

@@ -114,3 +114,35 @@ def test_a_file_mixing_formats_names_both():
     rows = [{"instruction": "a", "output": "b"}, {"text": "c"}]
     with pytest.raises(UserError, match=r"t\[1\]: a text record, but record 0 is an alpaca"):
         records_from_objects(rows, "t")
+
+
+def test_a_validation_split_is_held_out_when_there_is_none(tmp_path):
+    from mlx_lora.data.sources import hold_out_valid, read_splits
+
+    rows = [{"text": f"record {i}"} for i in range(100)]
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = read_splits(str(tmp_path / "one.jsonl"))
+    held, line = hold_out_valid(splits, 0.05, 4, seed=0)
+    assert len(held["valid"][1]) == 5 and len(held["train"][1]) == 95
+    assert "holding out 5 of 100 records of one.jsonl" in line
+    assert {r.source for r in held["valid"][1]}.isdisjoint(r.source for r in held["train"][1])
+    again, _ = hold_out_valid(splits, 0.05, 4, seed=0)
+    other, _ = hold_out_valid(splits, 0.05, 4, seed=1)
+    assert again["valid"][1] == held["valid"][1] != other["valid"][1]
+    assert len(hold_out_valid(splits, 0.05, 8, seed=0)[0]["valid"][1]) == 8  # one batch at least
+    for fraction, batch in ((0.0, 4), (0.05, 16)):  # off, or one batch > twice the fraction
+        assert hold_out_valid(splits, fraction, batch, seed=0) == (splits, None)
+    with_valid = {**splits, "valid": ("v", splits["train"][1][:3])}
+    assert hold_out_valid(with_valid, 0.05, 4, seed=0) == (with_valid, None)
+
+
+def test_training_without_valid_data_validates_on_held_out_records(tiny_llama, tmp_path):
+    from mlx_lora import Finetune
+
+    rows = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(10)
+            for b in range(10)]
+    for fraction, validated in ((0.05, True), (0.0, False)):
+        events = []
+        Finetune(model=str(tiny_llama), data=rows, adapter_path=str(tmp_path / str(fraction)),
+                 iters=2, batch_size=4, valid_fraction=fraction).train(callback=events.append)
+        assert any(e["event"] == "val" for e in events) == validated

@@ -95,7 +95,9 @@ def closest_format(obj: dict) -> str:
         return 'closest format: Alpaca, which needs "output" (or "response") beside "instruction"'
     if "conversations" in obj or "messages" in obj:
         return "closest format: chat; see the problems with its messages"
-    strings = [k for k, v in obj.items() if isinstance(v, str)]
+    # Identifiers are no text to learn from.
+    strings = [k for k, v in obj.items() if isinstance(v, str)
+               and k.lower() != "id" and not k.lower().endswith("_id")]
     lists = [k for k, v in obj.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
     if lists:
         return (f"if \"{lists[0]}\" holds chat messages, map it: --chat-feature {lists[0]} "

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import numpy as np
+
 from mlx_lora.data.records import Record, data_suffix, read_records, records_from_objects
 from mlx_lora.errors import UserError
 
@@ -55,6 +57,24 @@ def split_file(data: str, split: str) -> Path:
         raise UserError(f"{data}: no {split}.jsonl (it has: {', '.join(sorted(splits))}); "
                         "pick one with --split")
     return splits[split]
+
+
+def hold_out_valid(splits: dict, fraction: float, batch_size: int,
+                   seed: int) -> tuple[dict, str | None]:
+    """Without a valid split, `fraction` of train's records (at least one batch, when that is
+    at most twice the fraction) moved to a valid split, chosen by `seed`; with the line that
+    says so (None when nothing was held out)."""
+    name, records = splits["train"]
+    n_valid = max(batch_size, round(fraction * len(records)))
+    if "valid" in splits or fraction <= 0 or n_valid > 2 * fraction * len(records):
+        return splits, None
+    held = set(np.random.default_rng(seed).permutation(len(records))[:n_valid].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    valid = [r for i, r in enumerate(records) if i in held]
+    line = (f"no validation split: holding out {n_valid} of {len(records)} records of {name} "
+            f"for validation (--valid-fraction {fraction}, chosen by --seed {seed}; "
+            "--valid-fraction 0 keeps them all for training)")
+    return {**splits, "train": (name, train), "valid": (f"{name} (held out)", valid)}, line
 
 
 def read_splits(data,

@@ -15,7 +15,7 @@ from mlx_lora.config import TrainConfig, features, to_dict
 from mlx_lora.data.formats import describe
 from mlx_lora.data.packing import decide_packing, positions
 from mlx_lora.data.records import plain_records
-from mlx_lora.data.sources import read_splits
+from mlx_lora.data.sources import hold_out_valid, read_splits
 from mlx_lora.errors import UserError
 from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
 from mlx_lora.formats.output_dir import check_writable, claim_run_dir, exclusive
@@ -79,6 +79,10 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
     splits = read_splits(config.data if data is None else data, features(config))
     for name, split_records in splits.values():
         report.say(describe(name, split_records))
+    splits, held_out = hold_out_valid(splits, config.valid_fraction, config.batch_size,
+                                      config.seed)
+    if held_out:
+        report.say(held_out)
     if config.test and "test" not in splits:
         raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
     given = frozen_base(*base, {}, None, config.quantize, config.group_size,
