@@ -76,15 +76,7 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
     report = RunReport(adapter_dir, config.model, callback, unit=objective.unit)
     if warning := slow_blas_warning():
         report.say(warning)
-    splits = read_splits(config.data if data is None else data, features(config))
-    for name, split_records in splits.values():
-        report.say(describe(name, split_records))
-    splits, held_out = hold_out_valid(splits, config.valid_fraction, config.batch_size,
-                                      config.seed)
-    if held_out:
-        report.say(held_out)
-    if config.test and "test" not in splits:
-        raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
+    splits = _read_data(config, data, report)
     given = frozen_base(*base, {}, None, config.quantize, config.group_size,
                         "the given model") if base else None
     tokenizer = given.tokenizer if given else load_tokenizer_only(config.model,
@@ -124,6 +116,20 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
         if config.test:
             _test(trainee, config, examples["test"])
     return result
+
+
+def _read_data(config: TrainConfig, data, report: RunReport) -> dict:
+    """Every split's records, each file said in a line; a valid split held out if none."""
+    splits = read_splits(config.data if data is None else data, features(config))
+    for name, split_records in splits.values():
+        report.say(describe(name, split_records))
+    splits, held_out = hold_out_valid(splits, config.valid_fraction, config.batch_size,
+                                      config.seed)
+    if held_out:
+        report.say(held_out)
+    if config.test and "test" not in splits:
+        raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
+    return splits
 
 
 def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
