@@ -1,8 +1,10 @@
 """Helpers several test modules share (tests/ is on sys.path under pytest)."""
 
+import threading
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_lora.adapters.dora import DoRALinear
 from mlx_lora.adapters.inject import inject, make_spec
@@ -33,3 +35,26 @@ def make_adapter(model_dir: Path, adapter_dir: Path, *, targets="all-linear", nu
     randomize_lora_b(loaded.model, seed + 1)
     save_adapters(adapter_dir, loaded.model, spec, str(model_dir))
     return adapter_dir
+
+
+def assert_resume_equals_uninterrupted(model_dir: Path, data, tmp_path: Path, stop_at: int,
+                                       **settings) -> None:
+    """Train into whole/; train into part/ stopped after step stop_at and resumed there; the
+    final adapters agree to 1e-6."""
+    from mlx_lora import Finetune
+
+    def run(name: str, **extra):
+        return Finetune(model=str(model_dir), data=data, adapter_path=str(tmp_path / name),
+                        **settings, **extra)
+
+    assert run("whole").train().finished
+    stop = threading.Event()
+    stopped = run("part").train(
+        callback=lambda e: stop.set() if e.get("step") == stop_at else None, stop=stop)
+    assert not stopped.finished and stopped.step == stop_at
+    assert run("part", resume=True).train().finished
+    want = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
+    got = mx.load(str(tmp_path / "part" / "adapters.safetensors"))
+    for name, value in want.items():
+        np.testing.assert_allclose(np.array(got[name]), np.array(value), atol=1e-6,
+                                   err_msg=name)

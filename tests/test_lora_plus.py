@@ -1,10 +1,10 @@
 """LoRA+ (--lora-plus-ratio R): lora_b's updates are R times lora_a's rate; resume carries both."""
 
-import threading
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import assert_resume_equals_uninterrupted
 from mlx.utils import tree_flatten
 from test_train import examples_of_varied_length
 
@@ -52,23 +52,7 @@ def test_lora_b_moves_ratio_times_as_far(tiny_llama):
 
 
 def test_resume_carries_both_groups(tiny_llama, tmp_path):
-    whole = Finetune(model=str(tiny_llama), data=ROWS, adapter_path=str(tmp_path / "whole"),
-                     **SETTINGS)
-    assert whole.train().finished
-    stop = threading.Event()
-    part = Finetune(model=str(tiny_llama), data=ROWS, adapter_path=str(tmp_path / "part"),
-                    **SETTINGS)
-    stopped = part.train(callback=lambda e: stop.set() if e.get("step") == 3 else None,
-                         stop=stop)
-    assert not stopped.finished and stopped.step == 3
-    resumed = Finetune(model=str(tiny_llama), data=ROWS, adapter_path=str(tmp_path / "part"),
-                       resume=True, **SETTINGS).train()
-    assert resumed.finished
-    want = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
-    got = mx.load(str(tmp_path / "part" / "adapters.safetensors"))
-    for name, value in want.items():
-        np.testing.assert_allclose(np.array(got[name]), np.array(value), atol=1e-6,
-                                   err_msg=name)
+    assert_resume_equals_uninterrupted(tiny_llama, ROWS, tmp_path, 3, **SETTINGS)
     with pytest.raises(UserError, match="lora_plus_ratio 8.0 -> 2.0"):
         Finetune(model=str(tiny_llama), data=ROWS, adapter_path=str(tmp_path / "part"),
                  resume=True, **{**SETTINGS, "lora_plus_ratio": 2.0}).train()

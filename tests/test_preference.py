@@ -3,13 +3,13 @@ accumulation, resume, metrics, and mlx-lm-lora's names."""
 
 import json
 import math
-import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_resume_equals_uninterrupted
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlx_lora import Finetune
@@ -157,24 +157,8 @@ def test_dpo_starts_at_log_2_and_its_first_step_moves_the_adapter(method, quanti
 
 @pytest.mark.parametrize("mode", ["dpo", "orpo"])
 def test_resume_equals_uninterrupted(mode, tiny_llama, tmp_path):
-    settings = {**SETTINGS, "train_mode": mode}
-    data = {"train": PAIRS[:16], "valid": PAIRS[16:]}
-    whole = Finetune(model=str(tiny_llama), data=data, adapter_path=str(tmp_path / "whole"),
-                     **settings)
-    assert whole.train().finished
-    stop = threading.Event()
-    part = Finetune(model=str(tiny_llama), data=data, adapter_path=str(tmp_path / "part"),
-                    **settings)
-    stopped = part.train(callback=lambda e: stop.set() if e.get("step") == 2 else None,
-                         stop=stop)
-    assert not stopped.finished and stopped.step == 2
-    assert Finetune(model=str(tiny_llama), data=data, adapter_path=str(tmp_path / "part"),
-                    resume=True, **settings).train().finished
-    want = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
-    got = mx.load(str(tmp_path / "part" / "adapters.safetensors"))
-    for name, value in want.items():
-        np.testing.assert_allclose(np.array(got[name]), np.array(value), atol=1e-6,
-                                   err_msg=name)
+    assert_resume_equals_uninterrupted(tiny_llama, {"train": PAIRS[:16], "valid": PAIRS[16:]},
+                                       tmp_path, 2, **{**SETTINGS, "train_mode": mode})
 
 
 def test_mlx_lm_lora_names_work_as_flags_and_config_keys(tmp_path):
