@@ -18,7 +18,6 @@ cost of the preference objective itself.
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench_train import DATA, ROOT, qwen_shaped_model, write_jsonl
+from bench_train import DATA, ROOT, machine, qwen_shaped_model, run_side, write_jsonl
 
 PEER = "mlx-lm-lora==5.10.2"
 SIDES = ("mlx_lm_lora", "mlx_lora", "mlx_lora_sft")
@@ -68,19 +67,8 @@ def main() -> None:
     job = prepare(Path(args.work_dir), args.iters)
     job_file = Path(args.work_dir) / "job-dpo.json"
     job_file.write_text(json.dumps(asdict(job)))
-    results = {side: run_side(side, job_file) for side in args.sides.split(",")}
+    results = {side: run_side(side, job_file, __file__) for side in args.sides.split(",")}
     print(json.dumps(summary(job, results)))
-
-
-def run_side(side: str, job_file: Path) -> dict:
-    """One side in a fresh Python process; its last stdout line is its JSON result."""
-    print(f"--- {side}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--side", side, "--job", str(job_file)],
-                         stdout=subprocess.PIPE, text=True, check=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["process_s"] = round(time.perf_counter() - started, 1)
-    return result
 
 
 def summary(job: Job, results: dict) -> dict:
@@ -93,9 +81,8 @@ def summary(job: Job, results: dict) -> dict:
     if ours and results.get("mlx_lora_sft"):
         ratios["peak_memory_dpo_over_sft"] = (ours["peak_memory_gb"]
                                               / results["mlx_lora_sft"]["peak_memory_gb"])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     settings = {k: v for k, v in asdict(job).items() if k not in ("data", "valid", "peer_dir")}
-    return {**settings, "machine": machine, **results,
+    return {**settings, "machine": machine(), **results,
             "ratios": {k: round(v, 3) for k, v in ratios.items()}}
 
 

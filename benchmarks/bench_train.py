@@ -82,15 +82,21 @@ def main() -> None:
     print(json.dumps(summary(job, results)))
 
 
-def run_side(side: str, job_file: Path) -> dict:
-    """Run one side in a fresh Python process; its last stdout line is its JSON result."""
+def run_side(side: str, job_file: Path, script: str = __file__) -> dict:
+    """Run one side of `script` in a fresh Python process; its last stdout line is its JSON
+    result."""
     print(f"--- {side}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--side", side, "--job", str(job_file)],
+    out = subprocess.run([sys.executable, script, "--side", side, "--job", str(job_file)],
                          stdout=subprocess.PIPE, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["process_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, in a few words."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def summary(job: Job, results: dict) -> dict:
@@ -109,11 +115,10 @@ def summary(job: Job, results: dict) -> dict:
                                                  / ours["peak_memory_gb"])
         ratios["grad_checkpoint_tokens_per_sec"] = (checkpointed["tokens_per_sec"]
                                                     / ours["tokens_per_sec"])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     return {"preset": job.preset, "mask_prompt": job.mask_prompt, "pack": job.pack,
             "iters": job.iters, "batch_size": job.batch_size,
             "max_seq_length": job.max_seq_length, "learning_rate": job.learning_rate,
-            "machine": machine, **results,
+            "machine": machine(), **results,
             "ratios": {k: round(v, 3) for k, v in ratios.items()}}
 
 
