@@ -45,6 +45,14 @@ def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int) -> li
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def eval_plan(lengths: list[int], batch_size: int, val_batches: int) -> list[list[int]]:
+    """One evaluation pass as example indices: sorted by length to pad little, the first
+    val_batches batches (-1: all)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    plan = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return plan[:val_batches] if val_batches > 0 else plan
+
+
 def make_batch(examples: list[Example], indices: list[int], max_seq_length: int) -> Batch:
     """Pad the chosen examples to the batch's longest, rounded up to a multiple of 32."""
     chosen = [examples[i] for i in indices]

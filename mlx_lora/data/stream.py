@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data.batching import Batch, batch_plan, make_batch
+from mlx_lora.data.batching import Batch, batch_plan, eval_plan, make_batch
 from mlx_lora.data.packing import make_packed_batch, packed_plan, packed_width, positions
 from mlx_lora.data.tokenize import Example
 
@@ -30,9 +30,5 @@ def training_batches(examples: list[Example], config: TrainConfig, pack: bool, e
 
 def eval_batches(examples: list[Example], config: TrainConfig) -> Iterator[Batch]:
     """The first val_batches batches (-1: all) of a split, sorted by length to pad little."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if config.val_batches > 0:
-        plan = plan[:config.val_batches]
-    for indices in plan:
+    for indices in eval_plan(positions(examples), config.batch_size, config.val_batches):
         yield make_batch(examples, indices, config.max_seq_length)

@@ -40,16 +40,12 @@ def tokenize_with_stats(
     examples, problems = [], []
     n_truncated = n_dropped = 0
     for record in records:
+        plain_text = from_plain_text(record)  # chunked whole, not truncated
         try:
-            plain_text = from_plain_text(record)  # chunked whole, not truncated
-            ids, flags = render(record, tokenizer, mask_prompt,
+            ids, flags = encode(record, tokenizer, mask_prompt,
                                 None if plain_text else max_seq_length)
-        except UserError as e:  # a template that rejects this record: report them all
+        except UserError as e:  # report every record the template or tokenizer rejects
             problems.append(str(e))
-            continue
-        except Exception as e:  # the tokenizer's own refusal, whatever its type
-            problems.append(f"{record.source}: the tokenizer cannot encode this record "
-                            f"({type(e).__name__}: {e})")
             continue
         if plain_text:
             pieces = _chunks(ids, flags, max_seq_length)
@@ -57,15 +53,34 @@ def tokenize_with_stats(
             n_truncated += len(ids) > max_seq_length
             pieces = [(ids[:max_seq_length], flags[:max_seq_length])]
         for piece_ids, piece_flags in pieces:
-            # The first token is never a target (nothing precedes it), so it alone does not count.
-            if len(piece_ids) < 2 or not any(piece_flags[1:]):
+            example = to_example(piece_ids, piece_flags)
+            if example is None:
                 n_dropped += 1
-                continue
-            examples.append(Example(np.asarray(piece_ids, np.int32),
-                                    np.asarray(piece_flags, np.bool_)))
+            else:
+                examples.append(example)
     if problems:
         raise problems_error(problems)
     return examples, TokenizeStats(len(records), n_truncated, n_dropped)
+
+
+def encode(record: Record, tokenizer, mask_prompt: bool,
+           max_tokens: int | None) -> tuple[list[int], list[bool]]:
+    """template.render, with the tokenizer's own refusal as a UserError naming the record."""
+    try:
+        return render(record, tokenizer, mask_prompt, max_tokens)
+    except UserError:
+        raise  # already says which record and why
+    except Exception as e:  # the tokenizer's own refusal, whatever its type
+        raise UserError(f"{record.source}: the tokenizer cannot encode this record "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def to_example(ids: list[int], flags: list[bool]) -> Example | None:
+    """The example, or None when it has no target: the first token is never one (nothing
+    precedes it), so it alone does not count."""
+    if len(ids) < 2 or not any(flags[1:]):
+        return None
+    return Example(np.asarray(ids, np.int32), np.asarray(flags, np.bool_))
 
 
 def _chunks(ids: list[int], flags: list[bool], size: int):

@@ -14,10 +14,10 @@ import numpy as np
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.console import status
-from mlx_lora.data.batching import Batch, batch_plan, loss_positions, make_batch
+from mlx_lora.data.batching import Batch, batch_plan, eval_plan, loss_positions, make_batch
 from mlx_lora.data.records import Record, problems_error
-from mlx_lora.data.template import check_chat_template, render
-from mlx_lora.data.tokenize import Example
+from mlx_lora.data.template import check_chat_template
+from mlx_lora.data.tokenize import Example, encode, to_example
 from mlx_lora.errors import UserError
 
 
@@ -74,18 +74,9 @@ def to_pairs(records: list[Record], tokenizer, config: TrainConfig, name: str) -
 
 
 def _example(half: Record, tokenizer, max_seq_length: int) -> tuple[Example | None, bool]:
-    try:
-        ids, flags = render(half, tokenizer, mask_prompt=True, max_tokens=max_seq_length)
-    except UserError:
-        raise  # already says which record and why
-    except Exception as e:  # the tokenizer's own refusal, whatever its type
-        raise UserError(f"{half.source}: the tokenizer cannot encode this record "
-                        f"({type(e).__name__}: {e})") from None
-    truncated = len(ids) > max_seq_length
-    ids, flags = ids[:max_seq_length], flags[:max_seq_length]
-    if len(ids) < 2 or not any(flags[1:]):
-        return None, truncated
-    return Example(np.asarray(ids, np.int32), np.asarray(flags, np.bool_)), truncated
+    ids, flags = encode(half, tokenizer, mask_prompt=True, max_tokens=max_seq_length)
+    example = to_example(ids[:max_seq_length], flags[:max_seq_length])
+    return example, len(ids) > max_seq_length
 
 
 def pair_lengths(pairs: list[Pair]) -> list[int]:
@@ -128,6 +119,10 @@ def read_by_evaluation(pairs: list[Pair], config: TrainConfig) -> list[int]:
     return [i for batch in _eval_plan(pairs, config) for i in batch]
 
 
+def _eval_plan(pairs: list[Pair], config: TrainConfig) -> list[list[int]]:
+    return eval_plan(pair_lengths(pairs), config.batch_size, config.val_batches)
+
+
 def pair_batches(pairs: list[Pair], config: TrainConfig, pack: bool, epoch: int = 0,
                  cursor: int = 0) -> Iterator[tuple[int, int, PairBatch]]:
     """(epoch, cursor after this batch, batch) forever; pairs are never packed."""
@@ -144,12 +139,6 @@ def eval_pair_batches(pairs: list[Pair], config: TrainConfig) -> Iterator[PairBa
     for indices in _eval_plan(pairs, config):
         yield make_pair_batch(pairs, indices, config.max_seq_length)
 
-
-def _eval_plan(pairs: list[Pair], config: TrainConfig) -> list[list[int]]:
-    lengths = pair_lengths(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
-    plan = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    return plan[:config.val_batches] if config.val_batches > 0 else plan
 
 
 def pair_arrays(batch: PairBatch) -> tuple:
