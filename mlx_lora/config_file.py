@@ -30,9 +30,10 @@ NOT_YET = {
 # mlx-lm-lora keys with no counterpart here: fine at their no-op value, refused otherwise.
 NO_OP_VALUES = {
     "reward_scaling": (1.0, "ORPO reward scaling (mlx-lm-lora does not implement it either)"),
-    "delta": (50.0, "the dpop loss type; use dpo_loss_type sigmoid, ipo or hinge"),
-    "reference_model_path": (None, "a separate reference model; the reference is the model "
-                                   "DPO starts from (the base, with resume_adapter_file if set)"),
+    "delta": (50.0, "dpop loss type (delta is its weight); use dpo_loss_type sigmoid, ipo or "
+                    "hinge"),
+    "reference_model_path": (None, "separate reference model: the reference is the model DPO "
+                                   "starts from (the base, with resume_adapter_file if set)"),
     "judge": (None, "online preference modes"),
     "load_in_mxfp4": (False, "mxfp4 quantization; use quantize: 4"),
 }
