@@ -4,6 +4,7 @@
                             adapter_path="out", iters=200, batch_size=4, mask_prompt=True)
     result = run.train(callback=on_event, stop=threading_event)
     metrics = run.evaluate(split="test")
+    probe = run.forgetting("builtin")  # loss on general text: base vs adapted
     text = run.generate("prompt", max_tokens=50)
 """
 
@@ -17,13 +18,16 @@ from mlx_lora.config import (
     GenerateConfig,
     build_config,
     features,
+    hub_splits,
     unknown_key,
 )
 from mlx_lora.config_file import read_config_file
+from mlx_lora.data.hub import is_hub_data, read_hub_splits
 from mlx_lora.data.records import read_records
 from mlx_lora.data.sources import read_splits, split_file
 from mlx_lora.errors import UserError
 from mlx_lora.evaluate import evaluate_records
+from mlx_lora.forgetting import BUILTIN, measure_forgetting, read_general
 from mlx_lora.generate import complete
 from mlx_lora.model.adapted import adapt_for_inference, load_adapted
 from mlx_lora.model.load import LoadedModel, frozen_base
@@ -85,6 +89,15 @@ class Finetune:
                                   mask_prompt=config.mask_prompt, generate=generate)
         return result.to_dict()
 
+    def forgetting(self, general_data: str | None = None) -> dict:
+        """The forgetting probe: general_loss_base, general_loss (adapted), their relative
+        increase general_loss_increase, and general_tokens, on general text: a .txt/.jsonl/.json
+        file or "builtin" (None: the config's general_data, else builtin)."""
+        name, records = read_general(general_data or self.config.general_data or BUILTIN)
+        config = self.config
+        return measure_forgetting(self.model(), name, records, config.batch_size,
+                                  config.max_seq_length)
+
     def generate(self, prompt: str, max_tokens: int = GENERATE.max_tokens,
                  temp: float = GENERATE.temp, chat: bool = GENERATE.chat) -> str:
         """A completion of `prompt` by the trained (or saved) model; greedy at temp 0."""
@@ -109,12 +122,19 @@ class Finetune:
         return loaded
 
     def _split_records(self, split: str) -> tuple[str, list]:
+        config = self.config
         if self._records is None:
-            if not self.config.data:
+            if not config.data:
                 raise UserError("--data is required to evaluate")
-            data_file = split_file(self.config.data, split)
-            return str(data_file), read_records(data_file, features(self.config))
-        splits = read_splits(self._records, features(self.config))
+            if is_hub_data(config.data):
+                splits = read_hub_splits(config.data, hub_splits(config), features(config),
+                                         wanted=(split,))
+                if split in splits:
+                    return splits[split]
+                raise UserError(f"{config.data}: no {split} split; name one with --{split}-split")
+            data_file = split_file(config.data, split)
+            return str(data_file), read_records(data_file, features(config))
+        splits = read_splits(self._records, features(config))
         if split not in splits:
             raise UserError(f"data: no '{split}' split (it has: {', '.join(sorted(splits))})")
         return splits[split]

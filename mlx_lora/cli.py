@@ -7,6 +7,9 @@ import click
 from mlx_lora.config import FIELDS, EvalConfig, FuseConfig, GenerateConfig, TrainConfig
 from mlx_lora.errors import UserError
 
+FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+HUB_KEYS = ("dataset_config", "train_split", "valid_split", "test_split")
+
 
 class Cli(click.Group):
     """A click group that turns UserError into one line on stderr and exit status 2."""
@@ -46,8 +49,11 @@ def options(config_class, names=None, unset: bool = False):
                 choices = field.metadata.get("choices")
                 kind = click.Choice(choices) if choices else field.type
                 aliases = ["--" + a.replace("_", "-") for a in field.metadata.get("aliases", ())]
+                # A field with a flag_value takes an optional value: the bare flag means it.
+                optional = ({"is_flag": False, "flag_value": field.metadata["flag_value"]}
+                            if "flag_value" in field.metadata else {})
                 option = click.option(flag, *aliases, field.name, type=kind, default=default,
-                                      help=help_text)
+                                      help=help_text, **optional)
             command = option(command)
         return command
 
@@ -87,6 +93,35 @@ def train(config_file, resume, overwrite, **flags):
 
 
 @cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="The base run: a file as train --config takes; flags override it.  "
+                   "[default: none]")
+@click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2",
+              help="A train option and the values to try (learning_rate=1e-4,3e-4); repeat "
+                   "for more keys: every combination runs.")
+@click.option("--output", default="sweep", show_default=True,
+              help="Directory for one run directory per combination, sweep.md, sweep.json "
+                   "and best.yaml.")
+@options(TrainConfig, names=tuple(name for name in FIELDS if name != "adapter_path"),
+         unset=True)
+def sweep(config_file, grid, output, **flags):
+    """Train every combination of --grid values in turn; rank them by validation loss.
+
+    Rerunning the same command skips finished runs and resumes an interrupted one.
+    """
+    from mlx_lora.sweep import run_sweep
+
+    result = run_sweep(config_file, grid, output, flags)
+    if not result.finished:
+        raise click.exceptions.Exit(130)
+    click.echo(result.table, nl=False)
+    if result.best_config:
+        click.echo(f"best run's config: {result.best_config} (mlx-lora train --config takes it)")
+    else:
+        click.echo("no run had validation data, so none is best (add valid.jsonl)")
+
+
+@cli.command()
 @model_option
 @click.option("--adapter-path", default=None, help="Adapter directory (mlx-lm or PEFT).  "
               "[default: none, the base alone]")
@@ -104,18 +139,31 @@ def generate(model, adapter_path, prompt, max_tokens, temp, chat, trust_remote_c
 @cli.command()
 @model_option
 @click.option("--data", required=True, help=FIELDS["data"].metadata["help"])
-@options(TrainConfig, names=("max_seq_length", "mask_prompt"))
-def data(model, data, max_seq_length, mask_prompt):
-    """Check a data set and show what training will see: counts and the targets of one record."""
-    from mlx_lora.data.inspect import inspect_data
-    from mlx_lora.model.load import load_tokenizer_only
+@options(TrainConfig, names=("max_seq_length", "mask_prompt", *HUB_KEYS, *FEATURES))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object "
+              "instead.  [default: off]")
+@remote_code_option
+def data(model, data, max_seq_length, mask_prompt, as_json, trust_remote_code, **data_keys):
+    """Report on a data set: formats, lengths, truncations, duplicates, refused records, and
+    the targets of one example."""
+    import json
 
-    tokenizer = load_tokenizer_only(model)
-    stats, first = inspect_data(data, tokenizer, max_seq_length, mask_prompt)
-    for s in stats:
-        click.echo(f"{s.split}: {s.file} ({s.formats}): {s.records} records -> {s.examples} "
-                   f"examples, {s.tokens:,} tokens ({s.target_tokens:,} carry loss), longest "
-                   f"{s.longest}, {s.truncated} truncated")
+    from mlx_lora.config import features, hub_splits
+    from mlx_lora.data.inspect import inspect_data, report_lines
+    from mlx_lora.model.load import context_length, load_tokenizer_only
+
+    config = TrainConfig(**data_keys)
+    tokenizer = load_tokenizer_only(model, trust_remote_code)
+    context = context_length(model, trust_remote_code)
+    reports, first = inspect_data(data, tokenizer, max_seq_length, mask_prompt,
+                                  features(config), hub_splits(config), context)
+    if as_json:
+        click.echo(json.dumps({"context": context, "max_seq_length": max_seq_length,
+                               "splits": [r.to_dict() for r in reports]}))
+        return
+    for report in reports:
+        for line in report_lines(report, max_seq_length, context):
+            click.echo(line)
     if first is not None:
         click.echo("first training example, targets between ⟦ and ⟧:")
         click.echo(first)
@@ -124,7 +172,7 @@ def data(model, data, max_seq_length, mask_prompt):
 @cli.command()
 @click.argument("adapter_dir", type=click.Path(file_okay=False))
 def plot(adapter_dir):
-    """Draw ADAPTER_DIR/loss.svg (training and validation loss) from its metrics.jsonl."""
+    """Draw ADAPTER_DIR/loss.svg (training, validation, general-text loss) from metrics.jsonl."""
     from mlx_lora.plot import plot_run
 
     click.echo(plot_run(adapter_dir))
@@ -171,24 +219,27 @@ def fuse(model, adapter_path, save_path, dequantize, quantize, group_size, delta
 @model_option
 @click.option("--adapter-path", default=None, help="Adapter directory (mlx-lm or PEFT).  "
               "[default: none, the base alone]")
-@click.option("--data", required=True, help="Data directory (or one .jsonl/.txt file).")
+@click.option("--data", required=True, help=FIELDS["data"].metadata["help"])
+@options(TrainConfig, names=(*HUB_KEYS, *FEATURES))
 @options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last "
               "line of stdout (everything else on stderr).  [default: off]")
 @remote_code_option
 def eval_command(model, adapter_path, data, split, generate, max_seq_length, batch_size,
-                 mask_prompt, as_json, trust_remote_code):
+                 mask_prompt, as_json, trust_remote_code, **data_keys):
     """Loss, perplexity and (with --generate) exact-match accuracy on a data split."""
     import json
     import sys
 
     from mlx_lora.api import Finetune
+    from mlx_lora.data.hub import is_hub_data
     from mlx_lora.data.sources import split_file
 
-    data_file = split_file(data, split)  # a missing split fails before the model loads
+    # A missing split fails before the model loads.
+    data_file = f"{data}:{split}" if is_hub_data(data) else split_file(data, split)
     run = Finetune(model, data, adapter_path=adapter_path, max_seq_length=max_seq_length,
                    batch_size=batch_size, mask_prompt=mask_prompt,
-                   trust_remote_code=trust_remote_code)
+                   trust_remote_code=trust_remote_code, **data_keys)
     result = run.evaluate(split, generate=generate)
     lines = [f"{data_file}: loss {result['loss']:.4f}, perplexity "
              f"{result['perplexity']:.3f} over {result['tokens']:,} tokens of "

@@ -5,7 +5,9 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_lora.data.hub import HubSplits
 from mlx_lora.errors import UserError
+from mlx_lora.train.trackers import services
 
 
 def _opt(default, help_text, **meta):
@@ -17,7 +19,16 @@ class TrainConfig:
     """Everything a training run needs; field names are the config keys and the CLI flags."""
 
     model: str = _opt("", "Base model: a Hugging Face repo id or a local directory.")
-    data: str = _opt("", "Directory with train.jsonl [valid.jsonl test.jsonl], or one .jsonl/.txt.")
+    data: str = _opt("", "Directory with train.jsonl [valid.jsonl test.jsonl], one .jsonl/.json/"
+                     ".txt file, or a Hugging Face data set (org/name, or a local copy).")
+    dataset_config: str = _opt("", "A Hugging Face data set's configuration (subset), e.g. "
+                               "main for openai/gsm8k.")
+    train_split: str = _opt("train", "A Hugging Face data set's training split; slices too: "
+                            "train[:90%].", aliases=("dataset_train_split",))
+    valid_split: str = _opt("", "Its validation split; empty = validation, valid, val or dev "
+                            "when it has one.")
+    test_split: str = _opt("", "Its test split; empty = test when it has one.",
+                           aliases=("dataset_test_split",))
     adapter_path: str = _opt("adapters", "Output directory for adapters, metrics and checkpoints.")
     quantize: int = _opt(0, "Quantize the frozen base to 4 or 8 bits on load (QLoRA); 0 = no.")
     group_size: int = _opt(64, "Quantization group size.")
@@ -73,11 +84,18 @@ class TrainConfig:
     max_grad_norm: float = _opt(0.0, "Clip the global gradient norm to this; 0 = no clipping.")
     grad_checkpoint: bool = _opt(False, "Recompute the adapted blocks' activations to save memory.")
     steps_per_report: int = _opt(10, "Log training loss every N updates.")
+    report_to: str = _opt("", "Also log the train and val numbers to wandb, tensorboard or both "
+                          "(wandb,tensorboard), under the adapter path; empty = neither.")
+    project_name: str = _opt("", "The wandb project to log to; empty = the adapter path's name.")
     steps_per_eval: int = _opt(200, "Validation loss every N updates; 0 = only at the end.")
     val_batches: int = _opt(25, "Validation batches per evaluation; -1 = all.")
     valid_fraction: float = _opt(
         0.05, "Without a valid split, hold out this fraction of train (at least one batch, when "
         "that is at most twice the fraction) for validation, chosen by --seed; 0 = never.")
+    general_data: str = _opt(
+        "", "Forgetting probe: also log the loss on this general text (.txt/.jsonl/.json) at "
+        "every evaluation; the bare flag or builtin = a small set mlx-lora ships; empty = off.",
+        flag_value="builtin")
     save_every: int = _opt(100, "Save adapters and a resume checkpoint every N updates.")
     keep_checkpoints: int = _opt(2, "Resume checkpoints to keep (the newest).")
     early_stopping_patience: int = _opt(
@@ -205,6 +223,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(config, key) < 1.0:
             raise UserError(f"{source}: '{key}' must be in [0, 1), got {getattr(config, key)}")
+    services(config.report_to, f"{source}: 'report_to'")
 
 
 def unknown_key(key: str) -> str:
@@ -218,6 +237,12 @@ def features(config: TrainConfig) -> dict[str, str]:
     """Our record key -> the key the user's records hold it under."""
     return {"prompt": config.prompt_feature, "completion": config.completion_feature,
             "text": config.text_feature, "messages": config.chat_feature}
+
+
+def hub_splits(config: TrainConfig) -> HubSplits:
+    """Which splits of a Hugging Face data set the run reads."""
+    return HubSplits(config.dataset_config, config.train_split, config.valid_split,
+                     config.test_split)
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import yaml
 from mlx_lora.config import ALIASES, FIELDS, unknown_key
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
+from mlx_lora.train.trackers import services
 
 # mlx-lm's schedule names -> ours, and where its arguments go in our keys.
 MLX_LM_SCHEDULES = {
@@ -20,12 +21,11 @@ MLX_LM_SCHEDULES = {
 }
 ADAM_KEYS = {"betas": ("adam_beta1", "adam_beta2"), "eps": "adam_epsilon",
              "weight_decay": "weight_decay", "bias_correction": "bias_correction"}
-# mlx-lm keys for features mlx-lora does not have yet: fine when empty, refused when set.
-NOT_YET = {
-    "wandb": "experiment logging", "report_to": "experiment logging",
-    "project_name": "experiment logging", "hf_dataset": "Hugging Face data sets (save it as "
-    "JSONL with `datasets` and pass --data)",
-}
+# mlx-lm's hf_dataset block: its keys -> ours ("config" is handled apart: a name or {name}).
+HF_DATASET_KEYS = {"path": "data", "train_split": "train_split", "valid_split": "valid_split",
+                   "test_split": "test_split", "prompt_feature": "prompt_feature",
+                   "completion_feature": "completion_feature", "text_feature": "text_feature",
+                   "chat_feature": "chat_feature", "mask_prompt": "mask_prompt"}
 
 # mlx-lm-lora keys with no counterpart here: fine at their no-op value, refused otherwise.
 NO_OP_VALUES = {
@@ -94,24 +94,24 @@ def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
             raise UserError(f"{path}: both '{alias}' and '{ALIASES[alias]}' are set; they are "
                             "the same key, keep one")
         raw[ALIASES[alias]] = raw.pop(alias)
-    values = {}
+    if "hf_dataset" in raw and "data" in raw:
+        raise UserError(f"{path}: both 'data' and 'hf_dataset' name the data; keep one")
+    values = _logging_keys(raw, path)
     for key, value in raw.items():
         if key == "config" or (key == "train" and value is True):
             continue  # the file's own path; mlx-lm's "do train", which is what train does
         if key == "train":
             raise UserError(f"{path}: train: {value!r} asks mlx-lm not to train; mlx-lora train "
                             "always trains (for a test-only run use mlx-lora eval)")
-        if key in NOT_YET:
-            if value not in (None, "", [], {}):
-                raise UserError(f"{path}: '{key}' is set, but mlx-lora has no {NOT_YET[key]} "
-                                "yet; remove the key")
-        elif key in NO_OP_VALUES:
+        if key in NO_OP_VALUES:
             if value != NO_OP_VALUES[key][0]:
                 raise UserError(f"{path}: '{key}' is set, but mlx-lora has no "
                                 f"{NO_OP_VALUES[key][1]}; remove the key")
         elif key in LOAD_IN_BITS:
             if value:
                 values["quantize"] = LOAD_IN_BITS[key]
+        elif key == "hf_dataset":
+            values.update(_hf_dataset(value, path))
         elif key == "lora_parameters":
             values.update(_lora_parameters(value, path))
         elif key == "lr_schedule" and isinstance(value, dict):
@@ -123,6 +123,56 @@ def _translate_mlx_lm_keys(raw: dict, path: str) -> dict[str, Any]:
         else:
             raise UserError(f"{path}: {unknown_key(key)}")
     return values
+
+
+def _hf_dataset(block: Any, path: str) -> dict[str, Any]:
+    """mlx-lm's hf_dataset block (one data set) as our keys."""
+    if isinstance(block, list) and len(block) == 1:
+        block = block[0]
+    if isinstance(block, list):
+        raise UserError(f"{path}: hf_dataset lists {len(block)} data sets; mlx-lora trains on "
+                        "one (merge them into one data set first)")
+    if not isinstance(block, dict) or "path" not in block:
+        raise UserError(f"{path}: hf_dataset must be a mapping with at least 'path' (and "
+                        f"optionally {', '.join(k for k in HF_DATASET_KEYS if k != 'path')}, "
+                        "config)")
+    values = {}
+    for key, value in block.items():
+        if key == "config":
+            values["dataset_config"] = _dataset_config(value, path)
+        elif key in HF_DATASET_KEYS:
+            values[HF_DATASET_KEYS[key]] = value
+        else:
+            raise UserError(f"{path}: unknown key 'hf_dataset.{key}' (known: "
+                            f"{', '.join(HF_DATASET_KEYS)}, config)")
+    return values
+
+
+def _dataset_config(value: Any, path: str) -> str:
+    """hf_dataset.config: the configuration's name, alone or as mlx-lm's {name: ...}."""
+    if isinstance(value, dict) and set(value) <= {"name"}:
+        value = value.get("name", "")
+    if not isinstance(value, str):
+        raise UserError(f"{path}: hf_dataset.config must be the configuration's name (or "
+                        "{name: NAME}); other load_dataset arguments are not supported")
+    return value
+
+
+def _logging_keys(raw: dict, path: str) -> dict[str, Any]:
+    """Takes mlx-lm's report_to and project_name out of raw (null is its default), and its
+    older `wandb: PROJECT`, which is report_to with wandb added and that project_name."""
+    values = {key: raw.pop(key) for key in ("report_to", "project_name") if key in raw}
+    values = {key: value for key, value in values.items() if value is not None}
+    project = raw.pop("wandb", None)
+    if project in (None, ""):
+        return values
+    if not isinstance(project, str):
+        raise UserError(f"{path}: wandb must be a project's name (or use report_to: wandb)")
+    if values.get("project_name", project) not in ("", project):
+        raise UserError(f"{path}: 'wandb' and 'project_name' name different projects "
+                        f"('{project}', '{values['project_name']}'); keep one")
+    named = services(f"{values.get('report_to') or ''},wandb", f"{path}: 'report_to'")
+    return {**values, "report_to": ",".join(named), "project_name": project}
 
 
 def _lora_parameters(params: Any, path: str) -> dict[str, Any]:

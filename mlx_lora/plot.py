@@ -1,4 +1,4 @@
-"""A loss plot (SVG, no dependency) of training and validation loss against step."""
+"""A loss plot (SVG, no dependency) of training, validation and general-text loss against step."""
 
 from html import escape
 from pathlib import Path
@@ -10,7 +10,9 @@ from mlx_lora.formats.metrics import METRICS_FILE, read_metrics
 PLOT_FILE = "loss.svg"
 WIDTH, HEIGHT, MARGIN = 720, 420, 60
 SERIES = (("train", "loss", "#1f77b4", "training loss"),
-          ("val", "val_loss", "#d62728", "validation loss"))
+          ("val", "val_loss", "#d62728", "validation loss"),
+          # --general-data: task loss falling while this one rises is forgetting
+          ("val", "general_loss", "#2ca02c", "general-text loss"))
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -20,7 +22,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def loss_svg(records: list[dict], title: str) -> str:
-    """An SVG line chart of the train and val losses in metrics records."""
+    """An SVG line chart of the train, val and general-text losses in metrics records."""
     series = []
     for event, key, color, label in SERIES:
         points = [(r["step"], r[key]) for r in records if r.get("event") == event and key in r]

@@ -192,9 +192,9 @@ def test_features_map_other_keys(tiny_llama, tmp_path):
 
 
 REFUSED_KEYS = {
-    "wandb project": ({"wandb": "my-project"}, "'wandb' is set"),
-    "report_to": ({"report_to": "wandb"}, "'report_to' is set"),
-    "hf_dataset": ({"hf_dataset": {"path": "org/name"}}, "'hf_dataset' is set"),
+    "unknown service": ({"report_to": "swanlab"}, "unknown service 'swanlab'"),
+    "hf_dataset and data": ({"hf_dataset": {"path": "org/name"}},
+                            "both 'data' and 'hf_dataset' name the data"),
     "train false": ({"train": False}, "asks mlx-lm not to train"),
     "unknown adam key": ({"optimizer_config": {"adamw": {"amsgrad": True}}},
                          "unknown key 'optimizer_config.adamw.amsgrad'"),

@@ -1,6 +1,8 @@
 """Choose target modules by name, regex or all-linear; swap in adapters; freeze the rest."""
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.nn as nn
@@ -120,6 +122,19 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, layer) of every adapter layer in the model, of any method."""
     layer_types = tuple(m.layer for m in METHODS.values())
     return [(p, m) for p, m in model.named_modules() if isinstance(m, layer_types)]
+
+
+@contextmanager
+def bypassed(model: nn.Module) -> Iterator[nn.Module]:
+    """The model as its base: every adapter layer (of any method) swapped for the base layer it
+    wraps, and swapped back on leaving. The base layers are the same objects, so nothing is
+    copied or loaded twice."""
+    layers = adapter_layers(model)
+    model.update_modules(tree_unflatten([(path, layer.linear) for path, layer in layers]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(layers))
 
 
 def make_spec(model: nn.Module, method: str, targets: str, num_layers: int,

@@ -63,6 +63,16 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
 
     features: our key -> the key the records use instead (mlx-lm's *_feature options).
     """
+    records, problems = scan_records(path, features)
+    if problems:
+        raise problems_error(problems)
+    return records
+
+
+def scan_records(path: Path,
+                 features: dict[str, str] | None = None) -> tuple[list[Record], list[str]]:
+    """The file's good records and a "FILE:LINE: problem" line per bad one; a file that
+    cannot be read as records at all (not UTF-8, empty, broken JSON array) raises."""
     path = Path(path)
     name = path.name
     try:
@@ -82,14 +92,15 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
     if not any(line.strip() for line in lines):
         raise UserError(f"{name}: the file is empty; it needs at least one record")
     if data_suffix(path) == ".txt":
-        return [Record(kind="text", source=name, text="\n".join(lines))]
+        return [Record(kind="text", source=name, text="\n".join(lines))], []
     text = "\n".join(lines)
     if starts_array(text):
         return _read_array(text, name, features)
     return _read_jsonl(lines, name, features)
 
 
-def _read_array(text: str, name: str, features: dict[str, str] | None) -> list[Record]:
+def _read_array(text: str, name: str,
+                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
     try:
         items = array_items(text)
     except json.JSONDecodeError as e:
@@ -97,7 +108,7 @@ def _read_array(text: str, name: str, features: dict[str, str] | None) -> list[R
                         ) from None
     if not items:
         raise UserError(f"{name}: the JSON array is empty; it needs at least one record")
-    return _records([(f"{name}:{line}", f"line {line}", obj) for line, obj in items], features)
+    return _scan([(f"{name}:{line}", f"line {line}", obj) for line, obj in items], features)
 
 
 def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
@@ -117,7 +128,8 @@ class _NotJSON(str):
     """A line that did not parse, as the problem to report in its place."""
 
 
-def _read_jsonl(lines: list[str], name: str, features: dict[str, str] | None) -> list[Record]:
+def _read_jsonl(lines: list[str], name: str,
+                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
     items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -131,7 +143,7 @@ def _read_jsonl(lines: list[str], name: str, features: dict[str, str] | None) ->
                     f"{where}: the file is one JSON document; use one JSON object per line (JSONL)"
                 ) from None
             items.append((where, "", _NotJSON(f"not valid JSON ({e.msg} at column {e.colno})")))
-    return _records(items, features)
+    return _scan(items, features)
 
 
 def records_from_objects(objects, name: str,
@@ -144,12 +156,16 @@ def records_from_objects(objects, name: str,
         raise UserError(f"{name}: expected a non-empty list of records (dicts), found "
                         f"{_type_name(objects) if objects is not None else 'nothing'}")
     items = [(f"{name}[{i}]", f"record {i}", obj) for i, obj in enumerate(objects)]
-    return _records(items, features)
+    records, problems = _scan(items, features)
+    if problems:
+        raise problems_error(problems)
+    return records
 
 
-def _records(items: list[tuple[str, str, object]],
-             features: dict[str, str] | None) -> list[Record]:
-    """Check (where, label, object) items: one format for all, each record valid."""
+def _scan(items: list[tuple[str, str, object]],
+          features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+    """Check (where, label, object) items: one format for all, each record valid; the good
+    records and a problem line per bad one."""
     records, problems = [], []
     first = None  # (format, label) of the first record: the file's format
     for where, label, obj in items:
@@ -166,9 +182,7 @@ def _records(items: list[tuple[str, str, object]],
         problems.extend(f"{where}: {p}" for p in record_problems)
         if record is not None:
             records.append(record)
-    if problems:
-        raise problems_error(problems)
-    return records
+    return records, problems
 
 
 def _read_one(obj, where: str) -> tuple[str | None, Record | None, list[str]]:
@@ -187,7 +201,7 @@ def _read_one(obj, where: str) -> tuple[str | None, Record | None, list[str]]:
         problems = [f"{p} (read as {LABELS[foreign]} -> {LABELS[kind]})" for p in problems]
     if problems:
         return shape, None, problems
-    return shape, dataclasses.replace(_record(kind, obj, where), origin=shape), []
+    return shape, _record(kind, obj, where, shape), []
 
 
 def _a(word: str) -> str:
@@ -353,19 +367,21 @@ CHECKS = {"text": _check_text, "completion": _check_completion, "chat": _check_c
           "preference": _check_preference}
 
 
-def _record(kind: str, obj: dict, where: str) -> Record:
+def _record(kind: str, obj: dict, where: str, origin: str = "") -> Record:
     tools = tuple(obj["tools"]) if obj.get("tools") else None
     if kind == "preference":
         halves, _ = split_pair(obj)
-        chosen, rejected = (_record(_kind(half), {**half, "tools": obj.get("tools")}, where)
-                            for half in (halves.chosen, halves.rejected))
-        return Record(kind="preference", source=where,
+        chosen, rejected = (
+            _record(_kind(half), {**half, "tools": obj.get("tools")}, where)
+            for half in (halves.chosen, halves.rejected))
+        return Record(kind="preference", source=where, origin=origin,
                       chosen=dataclasses.replace(chosen, response_start=halves.response_start),
                       rejected=dataclasses.replace(rejected,
                                                    response_start=halves.response_start))
     if kind == "text":
-        return Record(kind="text", source=where, text=obj["text"])
+        return Record(kind="text", source=where, text=obj["text"], origin=origin)
     if kind == "completion":
         return Record(kind="completion", source=where, prompt=obj["prompt"],
-                      completion=obj["completion"], tools=tools)
-    return Record(kind="chat", source=where, messages=tuple(obj["messages"]), tools=tools)
+                      completion=obj["completion"], tools=tools, origin=origin)
+    return Record(kind="chat", source=where, messages=tuple(obj["messages"]), tools=tools,
+                  origin=origin)

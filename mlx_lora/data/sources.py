@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_lora.data.hub import HubSplits, is_hub_data, read_hub_splits
 from mlx_lora.data.records import Record, data_suffix, read_records, records_from_objects
 from mlx_lora.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".json", ".txt")
+DEFAULT_HUB_SPLITS = HubSplits()
 
 
 def find_splits(data: str) -> dict[str, Path]:
@@ -18,7 +20,8 @@ def find_splits(data: str) -> dict[str, Path]:
     if not path.exists():
         raise UserError(
             f"{data}: no such file or directory; --data takes a directory holding train.jsonl "
-            "(and optionally valid.jsonl, test.jsonl) or a single .jsonl, .json or .txt file"
+            "(and optionally valid.jsonl, test.jsonl), a single .jsonl, .json or .txt file, or "
+            "a Hugging Face data set (org/name)"
         )
     if not path.is_file() and not path.is_dir():
         raise UserError(f"{data}: neither a regular file nor a directory; --data takes a "
@@ -77,13 +80,17 @@ def hold_out_valid(splits: dict, fraction: float, batch_size: int,
     return {**splits, "train": (name, train), "valid": (f"{name} (held out)", valid)}, line
 
 
-def read_splits(data,
-                features: dict[str, str] | None = None) -> dict[str, tuple[str, list[Record]]]:
+def read_splits(data, features: dict[str, str] | None = None,
+                hub: HubSplits = DEFAULT_HUB_SPLITS) -> dict[str, tuple[str, list[Record]]]:
     """Every split's name for messages and records, read and validated before any model loads.
 
-    `data` is a directory or a .jsonl/.txt file (contract 2), a list of records (dicts in any
-    supported format: the training split), or a dict of splits {"train": [...], "valid": ...}.
+    `data` is a directory or a .jsonl/.txt file (contract 2), a Hugging Face data set (a Hub
+    id, a directory `datasets` wrote or parquet files; `hub` says which splits), a list of
+    records (dicts in any supported format: the training split), or a dict of splits
+    {"train": [...], "valid": ...}.
     """
+    if isinstance(data, (str, os.PathLike)) and is_hub_data(os.fspath(data)):
+        return read_hub_splits(os.fspath(data), hub, features)
     if isinstance(data, (str, os.PathLike)):
         return {split: (path.name, read_records(path, features))
                 for split, path in find_splits(str(data)).items()}

@@ -48,7 +48,7 @@ def tokenize_with_stats(
             problems.append(str(e))
             continue
         if plain_text:
-            pieces = _chunks(ids, flags, max_seq_length)
+            pieces = chunks(ids, flags, max_seq_length)
         else:
             n_truncated += len(ids) > max_seq_length
             pieces = [(ids[:max_seq_length], flags[:max_seq_length])]
@@ -83,7 +83,8 @@ def to_example(ids: list[int], flags: list[bool]) -> Example | None:
     return Example(np.asarray(ids, np.int32), np.asarray(flags, np.bool_))
 
 
-def _chunks(ids: list[int], flags: list[bool], size: int):
+def chunks(ids: list[int], flags: list[bool], size: int):
+    """A plain text's ids and flags in pieces of at most `size` tokens."""
     # Consecutive chunks overlap by one token so that every token after the first is a target
     # exactly once (a chunk's first token only serves as input).
     step = max(size - 1, 1)

@@ -230,6 +230,14 @@ def load_tokenizer_only(model: str, trust_remote_code: bool = False) -> Tokenize
     return _load_tokenizer(path, _read_config(path))
 
 
+def context_length(model: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), if it says."""
+    config = _read_config(resolve_model_path(model, trust_remote_code, weights=False))
+    length = config.get("max_position_embeddings",
+                        (config.get("text_config") or {}).get("max_position_embeddings"))
+    return length if isinstance(length, int) else None
+
+
 def _load_model(path: Path, trust_remote_code: bool) -> tuple[nn.Module, dict]:
     fixes = config_fixes(path)
     model_type = _read_config(path).get("model_type")

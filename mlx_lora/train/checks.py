@@ -17,7 +17,8 @@ RESUME_KEYS = ("model", "data", "train_mode", "fine_tune_type", "rank", "alpha",
                "dropout", "targets", "lora_plus_ratio",
                "num_layers", "quantize", "group_size", "mask_prompt", "max_seq_length",
                "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
-               "completion_feature", "text_feature", "chat_feature", "valid_fraction")
+               "completion_feature", "text_feature", "chat_feature", "valid_fraction",
+               "dataset_config", "train_split", "valid_split", "test_split")
 PROBE_ANSWER = "mlx-lora-probe-answer"
 
 

@@ -3,6 +3,7 @@
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ class Trainee:
     pack: bool  # the run's packing decision
     report: RunReport
     vocab_size: int | None  # for telling a diverged, uniform output from a loss still falling
+    general: Callable[[], float] | None = None  # the forgetting probe's loss, at evaluations
 
 
 def total_steps(config: TrainConfig, n_examples: int) -> int:
@@ -64,8 +66,9 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
     window = Window(objective.unit)
     started = time.perf_counter() - position.elapsed_s
     report.open_bar(steps, position.step)
-    if valid_set and position.step == 0:  # the starting point, for comparison
-        validate(model, objective, eval_step, config, valid_set, position, report)
+    if (valid_set or trainee.general) and position.step == 0:  # the starting point
+        validate(model, objective, eval_step, config, valid_set, position, report,
+                 trainee.general)
     model.train()
     with StopRequest() as interrupt:
         try:
@@ -162,9 +165,11 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
             "elapsed_s": round(position.elapsed_s, 3)})
         window.reset()
     stop_early = False
-    if valid_set and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
+    evaluates = valid_set or trainee.general
+    if evaluates and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
         eval_started = time.perf_counter()
-        validate(model, trainee.objective, eval_step, config, valid_set, position, report)
+        validate(model, trainee.objective, eval_step, config, valid_set, position, report,
+                 trainee.general)
         window.start += time.perf_counter() - eval_started  # not training throughput
         stop_early = should_stop_early(config, position)
         if stop_early:

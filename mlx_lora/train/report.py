@@ -1,5 +1,5 @@
 """The one owner of everything a run writes: adapters, best, checkpoints, metrics, resolved
-config, plot, console lines, and the events a caller subscribes to.
+config, plot, console lines, experiment trackers, and the events a caller subscribes to.
 
 Only a writing process (rank 0 of several) touches files or the console; that is decided here
 and nowhere else. Every event goes to metrics.jsonl and to the callback as the same dict.
@@ -26,6 +26,7 @@ from mlx_lora.formats.run_config import RUN_CONFIG_FILE, write_run_config
 from mlx_lora.plot import PLOT_FILE, plot_run
 from mlx_lora.train.checkpoint import CHECKPOINTS, STATE, Position, save_checkpoint
 from mlx_lora.train.progress import ProgressBar
+from mlx_lora.train.trackers import Trackers
 
 BEST_DIR = "best"
 # What a run writes at the top of its directory; a fresh run deletes these (only in a
@@ -35,7 +36,10 @@ Callback = Callable[[dict], None]
 
 
 class RunReport:
-    """Writes a run's files and lines; remembers the latest event of each kind."""
+    """Writes a run's files and lines; remembers the latest event of each kind.
+
+    A context manager: leaving it closes the experiment trackers, however the run ended.
+    """
 
     def __init__(self, adapter_dir: Path, base_model: str, callback: Callback | None = None,
                  writes: bool = True, unit: str = "tokens"):
@@ -46,6 +50,13 @@ class RunReport:
         self.callback, self.writes = callback, writes
         self.bar: ProgressBar | None = None
         self.latest: dict[str, dict] = {}  # event name -> its latest record
+        self.trackers = Trackers()  # opened by start(), from the config's report_to
+
+    def __enter__(self) -> "RunReport":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.trackers.close(failed=error_type is not None)
 
     def say(self, text: str) -> None:
         """One line for the person at the terminal (through the bar while it is drawn)."""
@@ -62,6 +73,7 @@ class RunReport:
         self.latest[record["event"]] = record
         if self.writes:
             append_metrics(self.adapter_dir, record)
+            self.trackers(record)
         if self.callback is not None:
             self.callback(dict(record))
 
@@ -79,6 +91,7 @@ class RunReport:
             truncate_metrics(self.adapter_dir, position.step)
             self.latest = {r["event"]: r for r in read_metrics(self.adapter_dir)}
         write_run_config(self.adapter_dir, resolved_config)
+        self.trackers.open(resolved_config, self.adapter_dir, position.step)
 
     def open_bar(self, total_steps: int, start_step: int) -> None:
         """Start drawing the progress bar."""

@@ -11,12 +11,19 @@ import mlx.nn as nn
 
 from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
 from mlx_lora.adapters.protocol import Hyper
-from mlx_lora.config import TrainConfig, features, to_dict
+from mlx_lora.config import TrainConfig, features, hub_splits, to_dict
 from mlx_lora.data.formats import describe
 from mlx_lora.data.packing import decide_packing, positions
 from mlx_lora.data.records import plain_records
 from mlx_lora.data.sources import hold_out_valid, read_splits
 from mlx_lora.errors import UserError
+from mlx_lora.forgetting import (
+    MAX_TRAINING_TOKENS,
+    general_examples,
+    general_probe,
+    read_general,
+    target_tokens,
+)
 from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
 from mlx_lora.formats.output_dir import check_writable, claim_run_dir, exclusive
 from mlx_lora.model.blas import slow_blas_warning
@@ -36,6 +43,7 @@ from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
 from mlx_lora.train.step import make_eval_step
+from mlx_lora.train.trackers import check_installed
 from mlx_lora.train.validation import evaluate_split, stats_text
 
 
@@ -61,28 +69,31 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
     with a checkpoint saved, as Ctrl-C does.
     """
     check_writable(config.adapter_path, "--adapter-path")
+    check_installed(config.report_to)  # a missing tracker library fails before any loading
     adapter_dir = Path(config.adapter_path)
     with exclusive(adapter_dir, "mlx-lora train"):
         claim_run_dir(adapter_dir, resume, overwrite)
         if resume:
             check_resume(adapter_dir, config)
-        return _train(config, resume, data, base, callback, stop)
+        objective = OBJECTIVES[config.train_mode](config)
+        with RunReport(adapter_dir, config.model, callback, unit=objective.unit) as report:
+            return _train(config, objective, report, resume, data, base, stop)
 
 
-def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
-           callback: Callback | None, stop) -> TrainResult:
+def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data,
+           base: tuple | None, stop) -> TrainResult:
     adapter_dir = Path(config.adapter_path)
-    objective = OBJECTIVES[config.train_mode](config)
-    report = RunReport(adapter_dir, config.model, callback, unit=objective.unit)
     if warning := slow_blas_warning():
         report.say(warning)
     splits = _read_data(config, data, report)
+    general = read_general(config.general_data) if config.general_data else None
     given = frozen_base(*base, {}, None, config.quantize, config.group_size,
                         "the given model") if base else None
     tokenizer = given.tokenizer if given else load_tokenizer_only(config.model,
                                                                    config.trust_remote_code)
     records = plain_records([r for _, split_records in splits.values() for r in split_records])
     check_template(tokenizer, records, config.model)
+    general_set = _general_set(config, general, tokenizer, report)
     wanted = ("train", "valid", "test") if config.test else ("train", "valid")
     examples = {split: objective.examples(split_records, tokenizer, config, name)
                 for split, (name, split_records) in splits.items() if split in wanted}
@@ -94,6 +105,8 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
+    if general_set:
+        trainee.general = general_probe(trainee.model, trainee.split, general_set, config)
     steps = total_steps(config, len(train_set))
     examples, prepared = _objective_prepare(trainee, config, examples, steps)
     train_set, valid_set = examples["train"], examples.get("valid", [])
@@ -120,7 +133,8 @@ def _train(config: TrainConfig, resume: bool, data, base: tuple | None,
 
 def _read_data(config: TrainConfig, data, report: RunReport) -> dict:
     """Every split's records, each file said in a line; a valid split held out if none."""
-    splits = read_splits(config.data if data is None else data, features(config))
+    splits = read_splits(config.data if data is None else data, features(config),
+                         hub_splits(config))
     for name, split_records in splits.values():
         report.say(describe(name, split_records))
     splits, held_out = hold_out_valid(splits, config.valid_fraction, config.batch_size,
@@ -130,6 +144,18 @@ def _read_data(config: TrainConfig, data, report: RunReport) -> dict:
     if config.test and "test" not in splits:
         raise UserError("--test needs a test split (test.jsonl beside train.jsonl)")
     return splits
+
+
+def _general_set(config: TrainConfig, general, tokenizer, report: RunReport) -> list | None:
+    """The forgetting probe's general text, tokenized once (None when off)."""
+    if general is None:
+        return None
+    name, records = general
+    examples = general_examples(name, records, tokenizer, config.max_seq_length,
+                                MAX_TRAINING_TOKENS)
+    report.say(f"forgetting probe: the loss on {target_tokens(examples):,} tokens of "
+               f"{config.general_data} general text at every evaluation")
+    return examples
 
 
 def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,

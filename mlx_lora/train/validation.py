@@ -1,4 +1,7 @@
-"""Validation during training: loss over the valid split, the best adapters, early stopping."""
+"""Validation during training: loss over the valid split (and the general text of the
+forgetting probe), the best adapters, early stopping."""
+
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -29,11 +32,34 @@ def stats_text(stats: dict[str, float]) -> str:
 
 
 def validate(model, objective: Objective, eval_step, config: TrainConfig, valid_set: list,
-             position: Position, report: RunReport) -> float:
-    """Report the validation loss; keep the best adapters; count evaluations without progress."""
+             position: Position, report: RunReport,
+             general: Callable[[], float] | None = None) -> float | None:
+    """Report the validation loss and the general-text loss (each when there is one); keep the
+    best adapters; count evaluations without progress."""
     model.eval()
-    val_loss, stats = evaluate_split(objective, eval_step, valid_set, config)
+    val_loss, stats = (evaluate_split(objective, eval_step, valid_set, config) if valid_set
+                       else (None, {}))
+    general_loss = general() if general else None
     model.train()
+    said = []
+    if val_loss is not None:
+        said.append(_track_best(model, config, val_loss, position, report) + stats_text(stats))
+    if general_loss is not None:
+        said.append(f"general-text loss {general_loss:.4f}")
+    report.say(f"step {position.step}: " + ", ".join(said))
+    report.event({
+        "event": "val", "step": position.step, "epoch": position.epoch, "val_loss": val_loss,
+        **{f"val_{name}": value for name, value in stats.items()},
+        "general_loss": general_loss,
+        f"trained_{report.unit}": position.trained_tokens,
+        "peak_memory_gb": round(peak_memory_gb(), 4),
+        "elapsed_s": round(position.elapsed_s, 3)})
+    return val_loss
+
+
+def _track_best(model, config: TrainConfig, val_loss: float, position: Position,
+                report: RunReport) -> str:
+    """Keep the best adapters and count evaluations without progress; the console's words."""
     improved = position.best_val_loss is None or val_loss < position.best_val_loss
     if improved:
         position.best_val_loss, position.best_step = val_loss, position.step
@@ -42,17 +68,9 @@ def validate(model, objective: Objective, eval_step, config: TrainConfig, valid_
             report.save_best(model)
     else:
         position.evals_since_best += 1
-    report.say(f"step {position.step}: validation loss {val_loss:.4f}"
-               + (" (best so far)" if improved else f" (best {position.best_val_loss:.4f} "
-                                                    f"at step {position.best_step})")
-               + stats_text(stats))
-    report.event({
-        "event": "val", "step": position.step, "epoch": position.epoch, "val_loss": val_loss,
-        **{f"val_{name}": value for name, value in stats.items()},
-        f"trained_{report.unit}": position.trained_tokens,
-        "peak_memory_gb": round(peak_memory_gb(), 4),
-        "elapsed_s": round(position.elapsed_s, 3)})
-    return val_loss
+    return f"validation loss {val_loss:.4f}" + (
+        " (best so far)" if improved
+        else f" (best {position.best_val_loss:.4f} at step {position.best_step})")
 
 
 def should_stop_early(config: TrainConfig, position: Position) -> bool:
