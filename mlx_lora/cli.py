@@ -219,39 +219,65 @@ def fuse(model, adapter_path, save_path, dequantize, quantize, group_size, delta
 @model_option
 @click.option("--adapter-path", default=None, help="Adapter directory (mlx-lm or PEFT).  "
               "[default: none, the base alone]")
-@click.option("--data", required=True, help=FIELDS["data"].metadata["help"])
-@options(TrainConfig, names=(*HUB_KEYS, *FEATURES))
+@click.option("--data", default=None, help=FIELDS["data"].metadata["help"] + "  [default: "
+              "none; needs --general-data then]")
+@options(TrainConfig, names=("dataset_config", *FEATURES))
 @options(EvalConfig)
+@options(TrainConfig, names=("general_data",))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last "
               "line of stdout (everything else on stderr).  [default: off]")
 @remote_code_option
 def eval_command(model, adapter_path, data, split, generate, max_seq_length, batch_size,
-                 mask_prompt, as_json, trust_remote_code, **data_keys):
-    """Loss, perplexity and (with --generate) exact-match accuracy on a data split."""
+                 mask_prompt, general_data, as_json, trust_remote_code, **data_keys):
+    """Loss, perplexity and (with --generate) exact-match accuracy on a data split; with
+    --general-data, the base's and the adapted model's loss on general text (forgetting)."""
     import json
     import sys
 
     from mlx_lora.api import Finetune
     from mlx_lora.data.hub import is_hub_data
     from mlx_lora.data.sources import split_file
+    from mlx_lora.forgetting import general_text_file
 
-    # A missing split fails before the model loads.
-    data_file = f"{data}:{split}" if is_hub_data(data) else split_file(data, split)
+    if not data and not general_data:
+        raise UserError("eval needs --data (a split to evaluate), --general-data (the "
+                        "forgetting probe on general text), or both")
+    # A missing split or general-text file fails before the model loads.
+    if data:
+        data_file = f"{data}:{split}" if is_hub_data(data) else split_file(data, split)
+    if general_data:
+        general_text_file(general_data)
     run = Finetune(model, data, adapter_path=adapter_path, max_seq_length=max_seq_length,
                    batch_size=batch_size, mask_prompt=mask_prompt,
                    trust_remote_code=trust_remote_code, **data_keys)
-    result = run.evaluate(split, generate=generate)
+    result, lines = {}, []
+    if data:
+        result = run.evaluate(split, generate=generate)
+        lines += _split_lines(data_file, result)
+    if general_data:
+        result.update(run.forgetting(general_data))
+        lines.append(_forgetting_line(general_data, result))
+    for line in lines:
+        click.echo(line, err=as_json)
+    if as_json:
+        sys.stderr.flush()
+        click.echo(json.dumps(result))
+
+
+def _split_lines(data_file, result: dict) -> list[str]:
     lines = [f"{data_file}: loss {result['loss']:.4f}, perplexity "
              f"{result['perplexity']:.3f} over {result['tokens']:,} tokens of "
              f"{result['records']} records"]
     if "accuracy" in result:
         lines.append(f"exact match: {result['accuracy']:.1%} of {result['generated']} "
                      "generations")
-    for line in lines:
-        click.echo(line, err=as_json)
-    if as_json:
-        sys.stderr.flush()
-        click.echo(json.dumps(result))
+    return lines
+
+
+def _forgetting_line(general_data: str, result: dict) -> str:
+    return (f"general text ({general_data}): loss {result['general_loss']:.4f} adapted vs "
+            f"{result['general_loss_base']:.4f} base ({result['general_loss_increase']:+.1%}) "
+            f"over {result['general_tokens']:,} tokens")
 
 
 @cli.command()

@@ -93,9 +93,9 @@ class TrainConfig:
         0.05, "Without a valid split, hold out this fraction of train (at least one batch, when "
         "that is at most twice the fraction) for validation, chosen by --seed; 0 = never.")
     general_data: str = _opt(
-        "", "Forgetting probe: also log the loss on this general text (.txt/.jsonl/.json) at "
-        "every evaluation; the bare flag or builtin = a small set mlx-lora ships; empty = off.",
-        flag_value="builtin")
+        "", "Forgetting probe: general text (.txt/.jsonl/.json) whose loss is measured at every "
+        "evaluation (by eval: the base's and the adapted model's); the bare flag or builtin = "
+        "a small set mlx-lora ships; empty = off.", flag_value="builtin")
     save_every: int = _opt(100, "Save adapters and a resume checkpoint every N updates.")
     keep_checkpoints: int = _opt(2, "Resume checkpoints to keep (the newest).")
     early_stopping_patience: int = _opt(

@@ -134,8 +134,9 @@ def test_data_command_shows_counts_and_targets(tiny_llama, chat_data):
     result = run("data", "--model", tiny_llama, "--data", chat_data, "--mask-prompt")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("train: ") and "20 records -> 20 examples" in lines[0]
-    assert lines[1].startswith("valid: ") and "4 records" in lines[1]
+    assert lines[0] == "train: train.jsonl: chat (messages), 20 records"
+    assert lines[1].startswith("  20 examples")
+    assert "valid: valid.jsonl: chat (messages), 4 records" in lines
     # the first record is "0 plus 0": both assistant answers are targets, nothing else is
     shown = result.output.split("targets between ⟦ and ⟧:\n")[1]
     assert shown.count("⟦") == 2 and "⟦0<|im_end|>⟧" in shown

@@ -177,12 +177,15 @@ def length_summary(lengths: list[int]) -> dict[str, int]:
 
 
 def histogram(lengths: list[int]) -> list[dict[str, int]]:
-    """Counts of lengths in equal-width bins from the shortest to the longest."""
+    """Counts of lengths in equal-width whole-number bins from the shortest to the longest."""
     if not lengths:
         return []
-    counts, edges = np.histogram(lengths, bins=min(HISTOGRAM_BINS, len(set(lengths))))
-    return [{"from": int(np.ceil(lo)), "to": int(hi), "count": int(n)}
-            for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True)]
+    values = np.asarray(lengths)
+    low, high = int(values.min()), int(values.max())
+    width = -(-(high - low + 1) // HISTOGRAM_BINS)  # ceiling division
+    counts = np.bincount((values - low) // width)
+    return [{"from": low + i * width, "to": min(low + (i + 1) * width - 1, high),
+             "count": int(n)} for i, n in enumerate(counts)]
 
 
 def histogram_lines(lengths: list[int]) -> list[str]:

@@ -63,7 +63,7 @@ def _encode(tokenizer, text: str, spans: list[Span] | None, add_special_tokens: 
     while True:
         piece = text[:budget]
         if spans is None:
-            ids = list(tokenizer.encode(piece, add_special_tokens=add_special_tokens))
+            ids = _ids(tokenizer, piece, add_special_tokens)
             ids, flags = ids, [True] * len(ids)
         else:
             ids, flags = _encode_spans(tokenizer, piece, spans, add_special_tokens)
@@ -167,12 +167,25 @@ def _history_end(full: str, start: int, tail: str) -> int:
     return found(lo) + len(tail) - lo
 
 
+def _backend(tokenizer):
+    """The Rust tokenizer under a fast HF tokenizer, or None. Called directly it gives the
+    same ids and offsets as the HF wrapper, without its per-call overhead (about half the
+    time of tokenizing a data set)."""
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+    return getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
+
+
+def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if backend := _backend(tokenizer):
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
 def _encode_spans(tokenizer, text: str, spans: list[Span], add_special_tokens: bool):
     """Ids of `text` and a flag per token: True where the token overlaps a span."""
-    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
-    if getattr(hf, "is_fast", False):
-        enc = hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    if backend := _backend(tokenizer):
+        enc = backend.encode(text, add_special_tokens=add_special_tokens)
+        ids, offsets = enc.ids, enc.offsets
         # Overlap, not containment: a SentencePiece "▁word" token may start on the prompt's space.
         flags = [any(a < end and b > start for start, end in spans) for a, b in offsets]
         return ids, flags
