@@ -221,7 +221,7 @@ def fuse(model, adapter_path, save_path, dequantize, quantize, group_size, delta
               "[default: none, the base alone]")
 @click.option("--data", default=None, help=FIELDS["data"].metadata["help"] + "  [default: "
               "none; needs --general-data then]")
-@options(TrainConfig, names=("dataset_config", *FEATURES))
+@options(TrainConfig, names=(*HUB_KEYS, *FEATURES))
 @options(EvalConfig)
 @options(TrainConfig, names=("general_data",))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last "
