@@ -11,7 +11,7 @@ from mlx_lm.generate import generate_step
 from mlx_lora.config import DEFAULTS, EvalConfig
 from mlx_lora.data.records import Record, read_records
 from mlx_lora.data.template import render
-from mlx_lora.data.tokenize import Example, to_examples
+from mlx_lora.data.tokenize import Example, target_tokens, to_examples
 from mlx_lora.errors import UserError
 from mlx_lora.model.load import LoadedModel
 from mlx_lora.model.probe import probe_model
@@ -54,8 +54,7 @@ def mean_loss(model: nn.Module, examples: list[Example], batch_size: int,
     split = probe_model(model, packing=False).split
     eval_step = make_eval_step(model, SFT.make_loss(model, split, with_grad=False))
     loss, _ = evaluate_split(SFT, eval_step, examples, config)
-    # The first token of a sequence is never a target: nothing precedes it.
-    n_tokens = sum(int(e.mask[1:].sum()) for e in examples)
+    n_tokens = target_tokens(examples)
     return loss, n_tokens
 
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx_lora.adapters.inject import bypassed
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.records import Record, read_records
-from mlx_lora.data.tokenize import Example, to_examples
+from mlx_lora.data.tokenize import Example, target_tokens, to_examples
 from mlx_lora.errors import UserError
 from mlx_lora.evaluate import mean_loss
 from mlx_lora.model.head import Split
@@ -59,11 +59,6 @@ def general_examples(name: str, records: list[Record], tokenizer, max_seq_length
         kept.append(example)
         targets += target_tokens([example])
     return kept
-
-
-def target_tokens(examples: list[Example]) -> int:
-    """Tokens that carry loss in the examples (a sequence's first token never does)."""
-    return sum(int(e.mask[1:].sum()) for e in examples)
 
 
 def general_probe(model: nn.Module, split: Split | None, examples: list[Example],

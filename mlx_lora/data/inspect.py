@@ -16,7 +16,7 @@ from mlx_lora.data.hub import HubSplits, is_hub_data
 from mlx_lora.data.records import Record, from_plain_text, plain_records, scan_records
 from mlx_lora.data.sources import DEFAULT_HUB_SPLITS, find_splits, read_splits
 from mlx_lora.data.template import check_chat_template
-from mlx_lora.data.tokenize import Example, chunks, encode, to_example
+from mlx_lora.data.tokenize import Example, chunks, encode, target_tokens, to_example
 
 SHOWN = 5  # records named per finding; the JSON has them all
 HISTOGRAM_BINS = 8
@@ -114,7 +114,7 @@ def _measure(report: SplitReport, records: list[Record], halves: list[Record], t
                 continue
             examples.append(example)
             report.tokens += len(example.ids)
-            report.target_tokens += int(example.mask[1:].sum())
+            report.target_tokens += target_tokens([example])
     report.examples = len(examples)
     return examples
 

@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mlx_lora.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_PROBLEMS = 20
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": JSON's way to a lone surrogate
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,15 @@ def scan_records(path: Path,
     if data_suffix(path) == ".txt":
         return [Record(kind="text", source=name, text="\n".join(lines))], []
     text = "\n".join(lines)
+    # Decoded UTF-8 holds no lone surrogate; only a JSON escape can make one.
+    escapes = SURROGATE_ESCAPE.search(text) is not None
     if starts_array(text):
-        return _read_array(text, name, features)
-    return _read_jsonl(lines, name, features)
+        return _read_array(text, name, features, escapes)
+    return _read_jsonl(lines, name, features, escapes)
 
 
-def _read_array(text: str, name: str,
-                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+def _read_array(text: str, name: str, features: dict[str, str] | None,
+                escapes: bool) -> tuple[list[Record], list[str]]:
     try:
         items = array_items(text)
     except json.JSONDecodeError as e:
@@ -108,7 +112,8 @@ def _read_array(text: str, name: str,
                         ) from None
     if not items:
         raise UserError(f"{name}: the JSON array is empty; it needs at least one record")
-    return _scan([(f"{name}:{line}", f"line {line}", obj) for line, obj in items], features)
+    return _scan([(f"{name}:{line}", f"line {line}", obj) for line, obj in items], features,
+                 escapes)
 
 
 def _decode_lines(raw: bytes, name: str) -> tuple[list[str], list[str]]:
@@ -128,8 +133,8 @@ class _NotJSON(str):
     """A line that did not parse, as the problem to report in its place."""
 
 
-def _read_jsonl(lines: list[str], name: str,
-                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+def _read_jsonl(lines: list[str], name: str, features: dict[str, str] | None,
+                escapes: bool) -> tuple[list[Record], list[str]]:
     items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -143,7 +148,7 @@ def _read_jsonl(lines: list[str], name: str,
                     f"{where}: the file is one JSON document; use one JSON object per line (JSONL)"
                 ) from None
             items.append((where, "", _NotJSON(f"not valid JSON ({e.msg} at column {e.colno})")))
-    return _scan(items, features)
+    return _scan(items, features, escapes)
 
 
 def records_from_objects(objects, name: str,
@@ -162,17 +167,18 @@ def records_from_objects(objects, name: str,
     return records
 
 
-def _scan(items: list[tuple[str, str, object]],
-          features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+def _scan(items: list[tuple[str, str, object]], features: dict[str, str] | None,
+          escapes: bool = True) -> tuple[list[Record], list[str]]:
     """Check (where, label, object) items: one format for all, each record valid; the good
-    records and a problem line per bad one."""
+    records and a problem line per bad one. escapes=False: the text they were parsed from has
+    no surrogate escape, so no string needs the Unicode check."""
     records, problems = [], []
     first = None  # (format, label) of the first record: the file's format
     for where, label, obj in items:
         if isinstance(obj, _NotJSON):
             problems.append(f"{where}: {obj}")
             continue
-        shape, record, record_problems = _read_one(_renamed(obj, features), where)
+        shape, record, record_problems = _read_one(_renamed(obj, features), where, escapes)
         if shape is not None and first is None:
             first = (shape, label)
         elif shape is not None and shape != first[0]:
@@ -185,7 +191,8 @@ def _scan(items: list[tuple[str, str, object]],
     return records, problems
 
 
-def _read_one(obj, where: str) -> tuple[str | None, Record | None, list[str]]:
+def _read_one(obj, where: str,
+              escapes: bool = True) -> tuple[str | None, Record | None, list[str]]:
     """(the record's format, the record or None, its problems); a foreign format converted."""
     foreign = detect(obj)
     if foreign:
@@ -196,7 +203,7 @@ def _read_one(obj, where: str) -> tuple[str | None, Record | None, list[str]]:
     if kind is None:
         return None, None, [_not_a_record(obj)]
     shape = foreign or kind
-    problems = CHECKS[kind](obj) or _not_unicode(obj)
+    problems = CHECKS[kind](obj) or (_not_unicode(obj) if escapes else [])
     if problems and foreign:
         problems = [f"{p} (read as {LABELS[foreign]} -> {LABELS[kind]})" for p in problems]
     if problems:
@@ -211,11 +218,25 @@ def _a(word: str) -> str:
 def _not_unicode(obj) -> list[str]:
     """A record holding a lone surrogate (valid JSON, "\\ud800", but no text) cannot be encoded."""
     try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        _encode_strings(obj)
     except UnicodeEncodeError as e:
         return [f"holds text that is not valid Unicode ({e.reason}: {e.object[e.start:e.end]!a})"
                 "; fix or remove that escape"]
     return []
+
+
+def _encode_strings(obj) -> None:
+    """Encode every string (keys too) of a JSON value as UTF-8; a walk, as it is 8x faster than
+    encoding the whole record as JSON, a third of the time of reading a file of small records."""
+    if isinstance(obj, str):
+        obj.encode("utf-8")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _encode_strings(key)
+            _encode_strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _encode_strings(value)
 
 
 def _renamed(obj, features: dict[str, str] | None):

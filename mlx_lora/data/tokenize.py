@@ -83,6 +83,11 @@ def to_example(ids: list[int], flags: list[bool]) -> Example | None:
     return Example(np.asarray(ids, np.int32), np.asarray(flags, np.bool_))
 
 
+def target_tokens(examples: list[Example]) -> int:
+    """Tokens that carry loss in the examples (a sequence's first token never does)."""
+    return sum(int(e.mask[1:].sum()) for e in examples)
+
+
 def chunks(ids: list[int], flags: list[bool], size: int):
     """A plain text's ids and flags in pieces of at most `size` tokens."""
     # Consecutive chunks overlap by one token so that every token after the first is a target
