@@ -21,7 +21,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import write_json_atomic, write_text_atomic
 from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.formats.output_dir import check_writable, exclusive, foreign_entries
-from mlx_lora.formats.run_config import RUN_CONFIG_FILE, read_run_config
+from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings
 
 TABLE_FILE, JSON_FILE, BEST_FILE = "sweep.md", "sweep.json", "best.yaml"
 MARKER = ".mlx-lora-sweep"
@@ -162,12 +162,8 @@ def _state(run_dir: Path) -> str:
 
 def _check_same_settings(run_dir: Path, config: TrainConfig) -> None:
     """Refuse a run directory whose run had other settings: one table must not mix them."""
-    previous = read_run_config(run_dir)
-    if previous is None:
-        return
     now = to_dict(config)
-    changed = [f"{key} {previous[key]!r} -> {now[key]!r}" for key in now
-               if key in previous and key not in RUN_DECIDES and previous[key] != now[key]]
+    changed = changed_settings(run_dir, now, [key for key in now if key not in RUN_DECIDES])
     if changed:
         raise UserError(f"{run_dir}: holds a run with other settings ({'; '.join(changed)}); "
                         "pick another --output, or delete that directory to run it again")

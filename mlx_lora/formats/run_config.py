@@ -23,6 +23,14 @@ def read_run_config(adapter_dir: Path) -> dict | None:
     return values if isinstance(values, dict) else None
 
 
+def changed_settings(adapter_dir: Path, now: dict, keys) -> list[str]:
+    """"key old -> new" for each of `keys` whose value in the run written there differs from
+    `now` (none when no run config is there to compare with)."""
+    previous = read_run_config(adapter_dir) or {}
+    return [f"{key} {previous[key]!r} -> {now[key]!r}" for key in keys
+            if key in previous and previous[key] != now[key]]
+
+
 def trained_quantization(adapter_dir: Path) -> tuple[int, int] | None:
     """(bits, group_size) the base was quantized to on load in training (QLoRA), if it was."""
     run = read_run_config(adapter_dir)

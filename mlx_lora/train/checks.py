@@ -9,7 +9,7 @@ from mlx_lora.config import TrainConfig, to_dict
 from mlx_lora.data.records import Record
 from mlx_lora.data.template import has_chat_template
 from mlx_lora.errors import UserError
-from mlx_lora.formats.run_config import RUN_CONFIG_FILE, read_run_config
+from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings
 
 # Settings a resumed run must share with the run it continues: they define the adapters, the
 # data and the batches; the rest (iters, learning-rate schedule, cadence) may change.
@@ -24,12 +24,7 @@ PROBE_ANSWER = "mlx-lora-probe-answer"
 
 def check_resume(adapter_dir: Path, config: TrainConfig) -> None:
     """Refuse a --resume whose settings differ from the run it continues, naming them."""
-    previous = read_run_config(adapter_dir)
-    if previous is None:
-        return
-    now = to_dict(config)
-    changed = [f"{key} {previous[key]!r} -> {now[key]!r}" for key in RESUME_KEYS
-               if key in previous and previous[key] != now[key]]
+    changed = changed_settings(adapter_dir, to_dict(config), RESUME_KEYS)
     if changed:
         raise UserError(
             f"{adapter_dir}: --resume continues a run with other settings ({'; '.join(changed)} "
