@@ -21,12 +21,19 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench_train import DATA, ROOT, machine, qwen_shaped_model, run_side, write_jsonl
+from bench_train import (
+    DATA,
+    ROOT,
+    add_side_options,
+    machine,
+    qwen_shaped_model,
+    run_side,
+    write_jsonl,
+)
 
 PEER = "mlx-lm-lora==5.10.2"
 SIDES = ("mlx_lm_lora", "mlx_lora", "mlx_lora_sft")
@@ -54,11 +61,7 @@ def main() -> None:
     """Prepare the job, run each side in its own process, print the summary JSON last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=Job.iters)
-    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
-                                                           "mlx_lora_bench"))
-    parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side
-    parser.add_argument("--job", help=argparse.SUPPRESS)
+    add_side_options(parser, SIDES)
     args = parser.parse_args()
     if args.side:
         job = Job(**json.loads(Path(args.job).read_text()))

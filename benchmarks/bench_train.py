@@ -64,11 +64,7 @@ def main() -> None:
     parser.add_argument("--mask-prompt", action="store_true")
     parser.add_argument("--iters", type=int, help="override the preset's optimizer steps")
     parser.add_argument("--no-pack", action="store_true", help="mlx_lora pads instead of packing")
-    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
-                                                           "mlx_lora_bench"))
-    parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side
-    parser.add_argument("--job", help=argparse.SUPPRESS)
+    add_side_options(parser, SIDES)
     args = parser.parse_args()
     if args.side:
         job = Job(**json.loads(Path(args.job).read_text()))
@@ -80,6 +76,16 @@ def main() -> None:
     job_file.write_text(json.dumps(asdict(job)))
     results = {side: run_side(side, job_file) for side in args.sides.split(",")}
     print(json.dumps(summary(job, results)))
+
+
+def add_side_options(parser: argparse.ArgumentParser, sides: tuple[str, ...]) -> None:
+    """The options every side-by-side bench has: its work directory, the sides to run, and
+    the internal --side/--job a side's subprocess is started with."""
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
+                                                           "mlx_lora_bench"))
+    parser.add_argument("--sides", default=",".join(sides))
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side
+    parser.add_argument("--job", help=argparse.SUPPRESS)
 
 
 def run_side(side: str, job_file: Path, script: str = __file__) -> dict:
