@@ -7,7 +7,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from mlx_lora.cli import cli
-from mlx_lora.data.inspect import histogram
+from mlx_lora.data.inspect import SplitReport, histogram, report_lines
 from mlx_lora.model.load import load_tokenizer_only
 
 LONG = "once upon a time there was a little dog " * 80  # about 700 tokens: past 512
@@ -75,3 +75,10 @@ def test_histogram_bins_are_whole_numbers_that_cover_every_length():
     assert all(b["to"] + 1 == c["from"] for b, c in zip(bins, bins[1:], strict=False))
     for b in bins:
         assert b["count"] == sum(b["from"] <= n <= b["to"] for n in lengths)
+
+
+def test_a_model_without_a_stated_context_gets_no_context_line():
+    lines = report_lines(SplitReport("train", "train.jsonl: text, 1 records", lengths=[5]), 64,
+                         None)
+    assert not any("context" in line for line in lines)
+    assert all(line.strip() != "0" for line in lines)

@@ -148,14 +148,15 @@ def report_lines(report: SplitReport, max_seq_length: int, context: int | None) 
              f"  tokens per record: min {lengths['min']:,}, median {lengths['median']:,}, "
              f"p95 {lengths['p95']:,}, max {lengths['max']:,}",
              *(f"    {line}" for line in histogram_lines(report.lengths))]
-    findings = (
+    findings = [
         (report.refused, "refused (training stops on these; fix or remove them)"),
         (report.empty_answers, "with an empty answer (among the refused)"),
         (report.truncated, f"longer than --max-seq-length {max_seq_length}, truncated"),
-        (report.over_context, f"longer than the model's context ({context:,} tokens)"
-         if context else ""),
         (report.no_target, "with no token to learn from (skipped)"),
-        (report.duplicates, "exact duplicates of an earlier record"))
+        (report.duplicates, "exact duplicates of an earlier record")]
+    if context:  # a model that does not say its context has no such line
+        findings.insert(3, (report.over_context,
+                            f"longer than the model's context ({context:,} tokens)"))
     for found, what in findings:
         lines.append(f"  {len(found):,} {what}" + (f": {_first(found)}" if found else ""))
     return lines
