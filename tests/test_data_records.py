@@ -4,10 +4,12 @@ import json
 
 import pytest
 
+from mlx_lora.data import bulk
 from mlx_lora.data.records import (
     Record,
     from_plain_text,
     read_records,
+    records_from_objects,
 )
 from mlx_lora.data.sources import find_splits
 from mlx_lora.data.template import check_chat_template
@@ -196,3 +198,44 @@ def test_chat_records_need_a_chat_template(tmp_path):
     with pytest.raises(UserError, match="^train.jsonl: chat records need a tokenizer with a chat "
                                         "template; "):
         check_chat_template(chats, NoTemplate(), tmp_path / "train.jsonl")
+
+
+# Files that bulk.plain_columns reads in one pass, and one good record per line that it sends
+# the general way; each pair must give the same records as the general path alone.
+PLAIN_FILES = {
+    "completion": [{"prompt": "a", "completion": " b"}, {"prompt": "é 🙂", "completion": "c\n"}],
+    "text": [{"text": "one"}, {"text": "two\u2028three"}],
+    "chat": [{"messages": [USER, ASSISTANT]},
+             {"messages": [{"role": "system", "content": "s"}, USER, ASSISTANT, USER,
+                           ASSISTANT]}],
+}
+NOT_PLAIN = {"completion": {"prompt": "a", "completion": "b", "id": 3},
+             "text": {"text": "x", "meta": None},
+             "chat": {"messages": [USER, {**ASSISTANT, "tool_calls": None}]}}
+
+
+@pytest.mark.parametrize("kind", PLAIN_FILES)
+def test_plain_files_read_in_bulk_give_the_general_paths_records(tmp_path, kind):
+    for objects in (PLAIN_FILES[kind], [*PLAIN_FILES[kind], NOT_PLAIN[kind]]):
+        path = write(tmp_path, ["", *map(json.dumps, objects), "  "])
+        assert (bulk.parse_lines(path.read_bytes()) is not None) and (
+            (bulk.plain_columns(objects) is not None) == (objects is PLAIN_FILES[kind]))
+        general = records_from_objects(objects, "train.jsonl")
+        records = read_records(path)
+        assert [r.source for r in records] == [f"train.jsonl:{i}" for i in
+                                               range(2, 2 + len(objects))]
+        assert [r._replace(source="") for r in records] == [
+            r._replace(source="") for r in general]
+
+
+@pytest.mark.parametrize("line", [
+    '{"text": "a"} {"text": "b"}', '{"text": "a"}x', '{"text": NaN}', '{"text": "\\ud800"}',
+    '{"text": 1e400}', "\u00a0"])
+def test_lines_that_are_not_one_plain_json_value_go_the_general_way(tmp_path, line):
+    raw = ("\n".join(['{"text": "a"}', line]) + "\n").encode()
+    assert bulk.parse_lines(raw) is None
+
+
+def test_two_values_on_a_line_are_refused_by_line(tmp_path):
+    path = write(tmp_path, ['{"text": "a"}', '{"text": "b"} {"text": "c"}'])
+    assert error_of(path) == "train.jsonl:2: not valid JSON (Extra data at column 15)"

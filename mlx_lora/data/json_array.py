@@ -7,13 +7,14 @@ import json
 def starts_array(text: str) -> bool:
     """Whether a file's text is one JSON array rather than JSON Lines (decided by content):
     it starts with "[" and its first line alone is no JSON value, or is the only line."""
-    lines = [line for line in text.split("\n") if line.strip()]
-    if not lines or not lines[0].lstrip().startswith("["):
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
         return False
-    if len(lines) == 1:
+    first_line, _, rest = stripped.partition("\n")
+    if not rest.strip():
         return True
     try:
-        json.loads(lines[0])
+        json.loads(first_line)
     except json.JSONDecodeError:
         return True
     return False  # JSON Lines whose first record is an array: reported as such
