@@ -6,6 +6,7 @@
     metrics = run.evaluate(split="test")
     probe = run.forgetting("builtin")  # loss on general text: base vs adapted
     text = run.generate("prompt", max_tokens=50)
+    mlx_lora.export("out", "adapter.gguf", format="gguf")  # or "peft"; as `mlx-lora export`
 """
 
 import os
@@ -15,6 +16,7 @@ from mlx_lora.config import (
     ALIASES,
     FIELDS,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     build_config,
     features,
@@ -28,6 +30,7 @@ from mlx_lora.data.sources import read_splits, split_file
 from mlx_lora.errors import UserError
 from mlx_lora.evaluate import evaluate_records
 from mlx_lora.forgetting import BUILTIN, measure_forgetting, read_general
+from mlx_lora.formats.convert import export_adapter
 from mlx_lora.generate import complete
 from mlx_lora.model.adapted import adapt_for_inference, load_adapted
 from mlx_lora.model.load import LoadedModel, frozen_base
@@ -36,7 +39,7 @@ from mlx_lora.train.run import TrainResult, train
 
 GIVEN_MODEL = "(a model given in memory)"
 GIVEN_DATA = "(records given in memory)"
-EVAL, GENERATE = EvalConfig(), GenerateConfig()
+EVAL, GENERATE, EXPORT = EvalConfig(), GenerateConfig(), ExportConfig()
 
 
 class Finetune:
@@ -138,6 +141,13 @@ class Finetune:
         if split not in splits:
             raise UserError(f"data: no '{split}' split (it has: {', '.join(sorted(splits))})")
         return splits[split]
+
+
+def export(adapter_path, save_path, format: str = EXPORT.format, *,
+           outtype: str = EXPORT.outtype, model: str | None = None) -> str:
+    """`mlx-lora export`: write adapter_path's adapter as format ("peft", "mlx-lm" or "gguf",
+    a file) to save_path; returns the adapter's own format."""
+    return export_adapter(adapter_path, format, save_path, outtype=outtype, model=model)
 
 
 def _text(value):

@@ -4,7 +4,15 @@ import dataclasses
 
 import click
 
-from mlx_lora.config import FIELDS, EvalConfig, FuseConfig, GenerateConfig, TrainConfig
+from mlx_lora.config import (
+    FIELDS,
+    EvalConfig,
+    ExportConfig,
+    FuseConfig,
+    GenerateConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from mlx_lora.errors import UserError
 
 FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
@@ -134,6 +142,27 @@ def generate(model, adapter_path, prompt, max_tokens, temp, chat, trust_remote_c
 
     run = Finetune(model, adapter_path=adapter_path, trust_remote_code=trust_remote_code)
     click.echo(run.generate(prompt, max_tokens=max_tokens, temp=temp, chat=chat))
+
+
+@cli.command()
+@model_option
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="An adapter directory (mlx-lm or PEFT) served as model NAME; repeat for "
+                   "more.  [default: none, the base alone]")
+@options(ServeConfig)
+@remote_code_option
+def serve(model, adapters, trust_remote_code, **settings):
+    """Serve the base and its adapters over OpenAI's HTTP API; a request's "model" picks the
+    adapter (the base's name, or "base", none). Requests take turns a few tokens at a time."""
+    from mlx_lora.console import status
+    from mlx_lora.serve import start_server
+    from mlx_lora.serve.adapters import parse_adapter_args
+
+    server = start_server(model, parse_adapter_args(adapters), ServeConfig(**settings),
+                          trust_remote_code)
+    names = ", ".join(server.adapters.model_names())
+    status(f"serving {names} at {server.url} (Ctrl-C to stop)")
+    server.wait()
 
 
 @cli.command()
@@ -284,16 +313,20 @@ def _forgetting_line(general_data: str, result: dict) -> str:
 @click.option("--adapter-path", "--adapter", "adapter_path",
               default=FIELDS["adapter_path"].default, show_default=True,
               help="Adapter directory to convert (mlx-lm or PEFT).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "mlx-lm"]), default="peft",
-              show_default=True, help="Format to write.")
+@options(ExportConfig)
 @click.option("--save-path", "--output", "save_path", required=True,
-              help="Directory to write the converted adapter.")
-def export(adapter_path, fmt, save_path):
-    """Convert an adapter to Hugging Face PEFT's format (or a PEFT one to mlx-lm's)."""
+              help="Directory to write the converted adapter (peft, mlx-lm), or the .gguf file "
+                   "(gguf).")
+@click.option("--model", default=None, help="gguf: the base model (directory or Hub id) whose "
+              "config.json gives the architecture and head counts.  [default: the one the "
+              "adapter names]")
+def export(adapter_path, format, outtype, save_path, model):
+    """Convert an adapter to Hugging Face PEFT's format, llama.cpp's LoRA GGUF (over the
+    base's GGUF), or a PEFT one to mlx-lm's."""
     from mlx_lora.formats.convert import export_adapter
 
-    source = export_adapter(adapter_path, fmt, save_path)
-    click.echo(f"converted {adapter_path} ({source}) to {fmt} in {save_path}")
+    source = export_adapter(adapter_path, format, save_path, outtype=outtype, model=model)
+    click.echo(f"converted {adapter_path} ({source}) to {format} in {save_path}")
 
 
 @cli.command(name="import")

@@ -42,19 +42,30 @@ class TrainConfig:
     orpo_lambda: float = _opt(
         -1.0, "ORPO: weight of the odds-ratio term; -1 = --beta (as TRL and mlx-lm-lora use it).")
     fine_tune_type: str = _opt("lora", "Adapter method: lora, or dora (LoRA with a learned "
-                               "magnitude per output row).", choices=("lora", "dora"),
-                               aliases=("train_type",))
+                               "magnitude per output row), or ia3 (learned scales of the keys, "
+                               "values and feed-forward input, as PEFT's IA3; no rank), or full "
+                               "(every weight of the last num-layers blocks trains; float bases "
+                               "only).",
+                               choices=("lora", "dora", "ia3", "full"), aliases=("train_type",))
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
     dropout: float = _opt(0.0, "Dropout on the adapter input.")
     lora_plus_ratio: float = _opt(
         0.0, "LoRA+: lora_b learns this many times faster than lora_a; 0 = off (plain LoRA).")
+    init: str = _opt(
+        "default", "How lora/dora factors start: default (lora_b zero) or pissa (PiSSA: from "
+        "the top-rank SVD of each target weight, the frozen base being the rest of it; the SVD "
+        "runs on the CPU, minutes for a large model). PiSSA saves the LoRA of twice the rank "
+        "it equals on the unmodified base.", choices=("default", "pissa"))
     targets: str = _opt(
-        "all-linear",
-        "Modules to adapt: names (q_proj,v_proj), 're:REGEX' on full paths, or all-linear.",
-    )
+        "", "Modules to adapt: names (q_proj,v_proj), 're:REGEX' on full paths, or all-linear; "
+        "empty = the method's default: all-linear, for ia3 PEFT's modules for the model type "
+        "(k_proj,v_proj,down_proj on llama).")
     num_layers: int = _opt(-1, "Adapt only the last N transformer blocks; -1 = all.")
+    train_embeddings: bool = _opt(
+        False, "Full fine-tuning: also train the weights outside the blocks (token embeddings, "
+        "final norm, output head).")
     max_seq_length: int = _opt(2048, "Longer records are truncated to this many tokens.")
     mask_prompt: bool = _opt(False, "Train only on completions / every assistant turn.")
     batch_size: int = _opt(4, "Records per micro-batch.")
@@ -158,6 +169,31 @@ class FuseConfig:
     delta_tolerance: float = _opt(
         0.1, "Keep an adapted layer of a quantized base at its bits only if its update survives "
              "within this relative error; else 8 bits, else float.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`mlx-lora export` and the API's export(): the format to write and, for GGUF, its type."""
+
+    format: str = _opt("peft", "Format to write: peft or mlx-lm (a directory), or gguf (a "
+                               "llama.cpp LoRA adapter file).", choices=("peft", "mlx-lm", "gguf"))
+    outtype: str = _opt("f32", "GGUF tensor type: f32 (as llama.cpp's convert_lora_to_gguf "
+                               "writes by default) or f16 (half the size).", choices=("f32", "f16"))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`mlx-lora serve`: where it listens, a request's defaults, and how requests share turns."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on; 0.0.0.0 opens it to the network.")
+    port: int = _opt(8080, "Port to listen on; 0 = any free port.")
+    max_tokens: int = _opt(512, "Tokens to generate when a request does not say.")
+    temp: float = _opt(0.0, "Sampling temperature when a request does not say; 0 = greedy.")
+    top_p: float = _opt(1.0, "Nucleus sampling mass when a request does not say; 1 = off.")
+    max_concurrent: int = _opt(8, "Requests generating at once, taking turns; more wait in line.")
+    turn_tokens: int = _opt(1, "Tokens a request generates per turn before the next one's turn.")
+    api_key: str = _opt("", "Require 'Authorization: Bearer KEY' on every request; empty = no "
+                            "key (fine on 127.0.0.1).")
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any],

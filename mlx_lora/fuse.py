@@ -58,19 +58,19 @@ def relative_error(saved: mx.array, base: mx.array, delta: mx.array) -> float:
     return (mx.linalg.norm(miss) / mx.maximum(mx.linalg.norm(delta), 1e-30)).item()
 
 
-def _float_linear(weight: mx.array, like: nn.Module) -> nn.Linear:
+def _float_linear(weight: mx.array, bias: mx.array | None) -> nn.Linear:
     output_dims, input_dims = weight.shape
-    linear = nn.Linear(input_dims, output_dims, bias="bias" in like)
+    linear = nn.Linear(input_dims, output_dims, bias=bias is not None)
     linear.weight = weight
-    if "bias" in like:
-        linear.bias = like.bias
+    if bias is not None:
+        linear.bias = bias
     return linear
 
 
 def fused_linear(adapter) -> nn.Linear:
     """A float nn.Linear equal to base + adapter, in the base's compute dtype."""
     dtype = dequantized_weight(adapter.linear).dtype
-    return _float_linear(adapter.fused_weight().astype(dtype), adapter.linear)
+    return _float_linear(adapter.fused_weight().astype(dtype), adapter.fused_bias())
 
 
 def bit_candidates(bits: int, group_size: int, mode: str) -> list[tuple[int, int, str]]:
@@ -232,7 +232,8 @@ def report(result: FuseResult, tolerance: float) -> None:
     for choice in result.layers:
         counts[choice.precision] = counts.get(choice.precision, 0) + 1
     kept = ", ".join(f"{n} at {p}" for p, n in counts.items())
-    status(f"fused {len(result.layers)} adapted layers: {kept}")
+    status(f"fused {len(result.layers)} adapted layers: {kept}" if result.layers else
+           "no adapter layer to fold: the fine-tune's trained weights replace the base's")
     naive = sorted(c.base_bits_error for c in result.layers if c.base_bits_error is not None)
     if naive:
         worst = max(c.error for c in result.layers)

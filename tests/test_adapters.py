@@ -1,74 +1,187 @@
-"""Adapter invariants, as one table over float and 4-bit bases (as PEFT's suite does)."""
+"""Adapter invariants, as one table of methods over float and 4-bit bases (as PEFT's suite
+does): one line per method in CASES; every invariant runs on every line it applies to."""
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from helpers import randomize_lora_b
+import yaml
+from helpers import assert_resume_equals_uninterrupted, move_trainable, randomize_lora_b
 from mlx.utils import tree_flatten
+from test_peft import hf_model, require
 
+from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import find_targets, inject, make_spec, parameter_counts
 from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.adapters.protocol import Hyper
+from mlx_lora.config import TrainConfig, to_dict
 from mlx_lora.errors import UserError
+from mlx_lora.formats.convert import export_adapter
 from mlx_lora.formats.mlx_lm_adapter import load_adapters, save_adapters
-from mlx_lora.fuse import fused_linear
+from mlx_lora.fuse import fuse, fused_linear
+from mlx_lora.model.adapted import load_adapted
 from mlx_lora.model.load import load_base
 
 BASES = {"float": 0, "4-bit": 4}
 TOKENS = mx.array([[1, 5, 9, 33, 70, 2, 8, 100, 41, 7]])
+ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
+        for b in range(4)]
 
 
-def adapted(path, quantize: int, targets: str = "all-linear", num_layers: int = -1, seed=0):
+@dataclass(frozen=True)
+class Case:
+    """A fine-tuning method as the invariants see it (one line of CASES)."""
+
+    fine_tune_type: str
+    init: str = "default"
+    targets: str = ""  # the method's default
+    num_layers: int = -1
+    bases: tuple[str, ...] = tuple(BASES)  # the bases it trains on
+    atol: float = 0.0  # fresh = base and save/load hold to this (0: bit for bit)
+    mlx_lm: bool = True  # mlx-lm loads its adapter directory
+    peft: bool = True  # PEFT has a format for it
+
+
+CASES = {
+    "lora": Case("lora"),
+    "dora": Case("dora", atol=1e-5),  # m / ||W + ...|| recomputes W's norms
+    "ia3": Case("ia3", mlx_lm=False),  # mlx-lm has no (IA)^3
+    "lora+pissa": Case("lora", init="pissa", atol=1e-5),  # saved as a LoRA of twice the rank
+    "full": Case("full", num_layers=1, bases=("float",), peft=False),  # trains W in place
+}
+TABLE = [pytest.param(case, quantize, id=f"{name}-{base}") for name, case in CASES.items()
+         for base, quantize in BASES.items() if base in case.bases]
+FLOAT_TABLE = [p for p in TABLE if p.values[1] == 0]
+
+
+def adapted(path, case: Case, quantize: int, seed=0):
+    """The base with the case's adapters in, fresh."""
     loaded = load_base(str(path), quantize=quantize)
     mx.random.seed(seed)
-    spec = make_spec(loaded.model, "lora", targets, num_layers, Hyper(rank=4, alpha=8.0))
+    spec = make_spec(loaded.model, case.fine_tune_type, case.targets, case.num_layers,
+                     Hyper(4, 8.0, 0.0, False, case.init))
     inject(loaded.model, spec)
     return loaded, spec
 
 
-@pytest.mark.parametrize("quantize", BASES.values(), ids=BASES.keys())
-def test_zero_initialized_adapter_equals_base(tiny_llama, quantize):
+def trained(path, case: Case, quantize: int, adapter_dir=None):
+    """The case's adapters moved as training moves them, saved as a run saves them."""
+    loaded, spec = adapted(path, case, quantize)
+    move_trainable(loaded.model)
+    if adapter_dir is not None:
+        save_adapters(adapter_dir, loaded.model, spec, str(path))
+        # A QLoRA run records how it loaded the base; loaders load the base the same way.
+        run = TrainConfig(model=str(path), quantize=quantize, adapter_path=str(adapter_dir))
+        (adapter_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(run)))
+    return loaded, spec
+
+
+def assert_close(a, b, atol: float) -> None:
+    if atol:
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=0)
+    else:
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+@pytest.mark.parametrize("case, quantize", TABLE)
+def test_fresh_adapter_equals_base(tiny_llama, case, quantize):
     base = load_base(str(tiny_llama), quantize=quantize).model(TOKENS)
-    loaded, _ = adapted(tiny_llama, quantize)
-    np.testing.assert_array_equal(np.array(loaded.model(TOKENS)), np.array(base))
+    loaded, _ = adapted(tiny_llama, case, quantize)
+    assert_close(loaded.model(TOKENS), base, case.atol)
 
 
-@pytest.mark.parametrize("quantize", BASES.values(), ids=BASES.keys())
-def test_only_adapters_train_and_are_float32(tiny_llama, quantize):
-    loaded, spec = adapted(tiny_llama, quantize)
+@pytest.mark.parametrize("case, quantize", TABLE)
+def test_only_adapters_train_and_are_float32(tiny_llama, case, quantize):
+    loaded, spec = adapted(tiny_llama, case, quantize)
     trainable = dict(tree_flatten(loaded.model.trainable_parameters()))
-    assert trainable and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in trainable)
-    assert len(trainable) == 2 * len(spec.paths)
+    assert trainable and all(k.startswith(tuple(p + "." for p in spec.paths)) for k in trainable)
+    names = METHODS[case.fine_tune_type].trainable
+    if names:  # a method that wraps layers: exactly its parameters, in each adapted layer
+        assert {k.rsplit(".", 1)[-1] for k in trainable} == set(names)
+        assert len(trainable) == len(names) * len(spec.paths)
     assert all(v.dtype == mx.float32 for v in trainable.values())
     n_trainable, n_total = parameter_counts(loaded.model)
     assert 0 < n_trainable < n_total
 
 
-@pytest.mark.parametrize("quantize", BASES.values(), ids=BASES.keys())
-def test_mlx_lm_loads_our_adapters_with_equal_logits(tiny_llama, tmp_path, quantize):
-    loaded, spec = adapted(tiny_llama, quantize, targets="q_proj,v_proj,down_proj",
-                           num_layers=1)
-    randomize_lora_b(loaded.model)
-    ours = np.array(loaded.model(TOKENS))
-    save_adapters(tmp_path, loaded.model, spec, str(tiny_llama))
+@pytest.mark.parametrize("case, quantize", TABLE)
+def test_save_then_load_is_exact(tiny_llama, tmp_path, case, quantize):
+    loaded, spec = trained(tiny_llama, case, quantize, tmp_path)
+    fresh = load_base(str(tiny_llama), quantize=quantize)
+    assert load_adapters(fresh.model, tmp_path).paths == spec.paths
+    assert_close(fresh.model(TOKENS), loaded.model(TOKENS), case.atol)
 
-    theirs_model, _ = mlx_lm.load(str(tiny_llama), adapter_path=str(tmp_path))
-    if quantize:  # mlx-lm quantizes nothing on its own: give it the same 4-bit base
-        theirs_model, _ = mlx_lm.load(str(tiny_llama))
-        nn.quantize(theirs_model, 64, 4, class_predicate=lambda p, m: isinstance(
-            m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % 64 == 0)
-        mlx_lm.utils.load_adapters(theirs_model, str(tmp_path))
-    theirs = np.array(theirs_model(TOKENS))
+
+def mlx_lm_model(model_dir, adapter_dir, quantize: int):
+    """mlx-lm's own load of base + adapter, on the same 4-bit base where QLoRA trained."""
+    if not quantize:
+        return mlx_lm.load(str(model_dir), adapter_path=str(adapter_dir))[0]
+    model, _ = mlx_lm.load(str(model_dir))  # mlx-lm quantizes nothing on its own
+    nn.quantize(model, 64, 4, class_predicate=lambda p, m: isinstance(
+        m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % 64 == 0)
+    return mlx_lm.utils.load_adapters(model, str(adapter_dir))
+
+
+@pytest.mark.parametrize("case, quantize", [p for p in TABLE if p.values[0].mlx_lm])
+def test_mlx_lm_loads_our_adapters_with_equal_logits(tiny_llama, tmp_path, case, quantize):
+    loaded, _ = trained(tiny_llama, case, quantize, tmp_path)
+    ours = np.array(loaded.model(TOKENS))
+    theirs = np.array(mlx_lm_model(tiny_llama, tmp_path, quantize)(TOKENS))
     assert np.abs(ours - theirs).max() < 1e-5
     base = np.array(load_base(str(tiny_llama), quantize=quantize).model(TOKENS))
     assert np.abs(ours - base).max() > 1e-3  # the adapters do change the output
 
 
+@pytest.mark.parametrize("case, quantize", TABLE)
+def test_fused_equals_adapted(tiny_llama, tmp_path, case, quantize):
+    trained(tiny_llama, case, quantize, tmp_path / "adapter")
+    result = fuse(str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "fused"))
+    fused, _ = mlx_lm.load(str(tmp_path / "fused"))
+    adapted_model, _ = load_adapted(str(tiny_llama), str(tmp_path / "adapter"))
+    diff = np.abs(np.array(fused(TOKENS)) - np.array(adapted_model.model(TOKENS))).max()
+    # a quantized base keeps each update within the fuse's tolerance (see fuse.py)
+    assert diff <= (result.bound if quantize else 1e-5)
+    assert result.adapter_effect > 1e-2  # the adapter does change the logits
+
+
+@pytest.mark.parametrize("case, quantize", TABLE)
+def test_resume_equals_uninterrupted(tiny_llama, tmp_path, case, quantize):
+    assert_resume_equals_uninterrupted(
+        tiny_llama, {"train": ROWS[:20], "valid": ROWS[20:]}, tmp_path, 3,
+        fine_tune_type=case.fine_tune_type, init=case.init, targets=case.targets,
+        num_layers=case.num_layers, quantize=quantize, iters=6, batch_size=4,
+        learning_rate=1e-2, steps_per_eval=3, save_every=3, lr_schedule="cosine", warmup=2,
+        mask_prompt=True)
+
+
+@pytest.mark.parametrize("case, quantize", [p for p in FLOAT_TABLE if p.values[0].peft])
+def test_peft_gives_our_logits(tiny_llama, tmp_path, case, quantize):
+    torch, peft = require("torch"), require("peft")
+    loaded, _ = trained(tiny_llama, case, quantize, tmp_path / "ours")
+    export_adapter(tmp_path / "ours", "peft", tmp_path / "peft")
+    model = peft.PeftModel.from_pretrained(hf_model(tiny_llama), tmp_path / "peft")
+    with torch.no_grad():
+        theirs = model(torch.tensor(np.array(TOKENS))).logits.numpy()
+    assert np.abs(theirs - np.array(loaded.model(TOKENS))).max() < 1e-4  # DESIGN.md's bound
+
+
+def test_mlx_lm_reads_our_keys_and_num_layers(tiny_llama, tmp_path):
+    case = Case("lora", targets="q_proj,v_proj,down_proj", num_layers=1)
+    for quantize in BASES.values():
+        loaded, spec = adapted(tiny_llama, case, quantize)
+        randomize_lora_b(loaded.model)
+        save_adapters(tmp_path / str(quantize), loaded.model, spec, str(tiny_llama))
+        theirs = mlx_lm_model(tiny_llama, tmp_path / str(quantize), quantize)
+        assert np.abs(np.array(loaded.model(TOKENS)) - np.array(theirs(TOKENS))).max() < 1e-5
+
+
 @pytest.mark.parametrize("quantize", BASES.values(), ids=BASES.keys())
-def test_save_then_load_is_exact(tiny_llama, tmp_path, quantize):
-    loaded, spec = adapted(tiny_llama, quantize, targets="re:.*layers\\.0\\..*_proj")
+def test_save_then_load_keeps_a_selection_mlx_lm_cannot_state(tiny_llama, tmp_path, quantize):
+    loaded, spec = adapted(tiny_llama, Case("lora", targets="re:.*layers\\.0\\..*_proj"),
+                           quantize)
     randomize_lora_b(loaded.model)
     save_adapters(tmp_path, loaded.model, spec, str(tiny_llama))
     fresh = load_base(str(tiny_llama), quantize=quantize)
@@ -118,3 +231,44 @@ def test_rslora_scale(tiny_llama):
     model = load_base(str(tiny_llama)).model
     spec = make_spec(model, "lora", "q_proj", -1, Hyper(rank=16, alpha=8.0, rslora=True))
     assert spec.hyper.scale == pytest.approx(8.0 / 4.0)
+
+
+# Full fine-tuning trains the base's own weights in place: float bases only (test_full.py
+# checks that quantized ones are refused), and no zero-initialized state to compare.
+FULL_ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
+             for b in range(4)]
+
+
+def fully_tuned(path, num_layers: int = 1, seed: int = 0):
+    """A base with its last num_layers blocks unfrozen and moved, as training moves them."""
+    loaded = load_base(str(path))
+    spec = make_spec(loaded.model, "full", "all-linear", num_layers, Hyper(4, 8.0))
+    inject(loaded.model, spec)
+    mx.random.seed(seed)
+    loaded.model.load_weights([(k, v + 0.05 * mx.random.normal(v.shape)) for k, v in
+                               tree_flatten(loaded.model.trainable_parameters())], strict=False)
+    return loaded, spec
+
+
+def test_full_save_then_load_is_exact(tiny_llama, tmp_path):
+    loaded, spec = fully_tuned(tiny_llama)
+    save_adapters(tmp_path, loaded.model, spec, str(tiny_llama))
+    fresh = load_base(str(tiny_llama))
+    assert load_adapters(fresh.model, tmp_path).paths == spec.paths == ("model.layers.1",)
+    np.testing.assert_array_equal(np.array(fresh.model(TOKENS)), np.array(loaded.model(TOKENS)))
+
+
+def test_full_fused_equals_adapted(tiny_llama, tmp_path):
+    loaded, spec = fully_tuned(tiny_llama)
+    save_adapters(tmp_path / "adapter", loaded.model, spec, str(tiny_llama))
+    result = fuse(str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "fused"))
+    assert result.layers == () and result.max_logit_diff == 0.0  # nothing folds: replaced
+    fused, _ = mlx_lm.load(str(tmp_path / "fused"))
+    np.testing.assert_array_equal(np.array(fused(TOKENS)), np.array(loaded.model(TOKENS)))
+
+
+def test_full_resume_equals_uninterrupted(tiny_llama, tmp_path):
+    assert_resume_equals_uninterrupted(
+        tiny_llama, {"train": FULL_ROWS[:20], "valid": FULL_ROWS[20:]}, tmp_path, 3,
+        fine_tune_type="full", num_layers=1, iters=6, batch_size=4, learning_rate=1e-3,
+        steps_per_eval=3, save_every=3, lr_schedule="cosine", warmup=2, mask_prompt=True)

@@ -17,9 +17,9 @@ class DoRALinear(LoRALinear):
     """A frozen linear (float or quantized) with LoRA factors and a trainable magnitude m."""
 
     @classmethod
-    def from_base(cls, base: nn.Module, hyper: Hyper) -> "DoRALinear":
+    def from_base(cls, base: nn.Module, hyper: Hyper, path: str = "") -> "DoRALinear":
         """Wrap `base`; m is its row norms and lora_b zero, so the layer equals the base."""
-        layer = super().from_base(base, hyper)
+        layer = super().from_base(base, hyper, path)
         layer.m = mx.linalg.norm(dequantized_weight(base).astype(mx.float32), axis=1)
         return layer
 

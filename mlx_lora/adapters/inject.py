@@ -1,5 +1,6 @@
 """Choose target modules by name, regex or all-linear; swap in adapters; freeze the rest."""
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.lora import linear_dims
+from mlx_lora.adapters.pissa import init_pissa
 from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 
@@ -23,7 +25,7 @@ class AdapterSpec:
 
     method: str  # a key of METHODS
     paths: tuple[str, ...]  # full module paths, e.g. model.layers.3.self_attn.q_proj
-    hyper: Hyper
+    hyper: Hyper | None  # None for a method that wraps nothing (full fine-tuning)
     num_blocks: int  # transformer blocks in the model
 
     @property
@@ -53,7 +55,7 @@ def block_prefixes(model: nn.Module) -> dict[str, int]:
 
 def _split_block_path(path: str, prefixes: dict[str, int]) -> tuple[int | None, str]:
     for prefix, index in prefixes.items():
-        if path.startswith(prefix + "."):
+        if path == prefix or path.startswith(prefix + "."):  # a whole block, or inside one
             return index, path[len(prefix) + 1:]
     return None, path
 
@@ -86,7 +88,7 @@ def find_targets(model: nn.Module, targets: str, num_layers: int) -> list[str]:
         chosen = [p for p in linears if pattern.fullmatch(p)]
     else:
         names = [name.strip() for name in targets.split(",") if name.strip()]
-        chosen = [p for p in linears if any(p == n or p.endswith("." + n) for n in names)]
+        chosen = [p for p in linears if _named(p, names)]
     chosen = [p for p in chosen if in_range(p)]
     if not chosen:
         examples = sorted({p.rsplit(".", 1)[-1] for p in linears})
@@ -98,29 +100,58 @@ def find_targets(model: nn.Module, targets: str, num_layers: int) -> list[str]:
     return chosen
 
 
+def _named(path: str, names) -> bool:
+    """True where the module at `path` is one of `names` (a full path or a suffix after a dot)."""
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
 def inject(model: nn.Module, spec: AdapterSpec) -> None:
-    """Replace each target with an adapter around it; freeze everything but the adapters."""
+    """Replace each target with an adapter around it; freeze everything but the adapters.
+
+    A method that wraps nothing (full) unfreezes the targets' own weights instead.
+    """
     modules = dict(model.named_modules())
+    if spec.table.own_weights is not None:
+        _unfreeze(model, [(path, modules[path]) for path in spec.paths], spec.method)
+        return
     method, rank = spec.table, spec.hyper.rank
     swapped = []
     for path in spec.paths:
         base = modules[path]
         input_dims, output_dims = linear_dims(base)
-        if rank > min(input_dims, output_dims):
+        if method.low_rank and rank > min(input_dims, output_dims):
             raise UserError(
                 f"rank {rank} is larger than layer {path} ({input_dims} -> {output_dims}); "
                 f"use --rank {min(input_dims, output_dims)} or less"
             )
-        swapped.append((path, method.layer.from_base(base, spec.hyper)))
+        adapter = method.layer.from_base(base, spec.hyper, path)
+        if spec.hyper.init == "pissa":
+            init_pissa(adapter)
+        swapped.append((path, adapter))
     model.freeze()
     model.update_modules(tree_unflatten(swapped))
-    for _, adapter in swapped:
+    for _, adapter in swapped:  # a new module's arrays start trainable; PiSSA's lora_a0 not
+        adapter.freeze(recurse=False)
         adapter.unfreeze(keys=list(method.trainable), recurse=False)
+
+
+def _unfreeze(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
+    """Freeze the model but the chosen modules; quantized weights cannot train in place."""
+    for path, module in chosen:
+        quantized = [p for p, m in module.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+        if quantized:
+            where = f"{path}.{quantized[0]}" if quantized[0] else path
+            raise UserError(f"{method} fine-tuning trains the base's own weights, but {where} "
+                            "is quantized (integers take no gradient steps); use a float base "
+                            "without --quantize, or lora/dora for QLoRA")
+    model.freeze()
+    for _, module in chosen:
+        module.unfreeze()
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, layer) of every adapter layer in the model, of any method."""
-    layer_types = tuple(m.layer for m in METHODS.values())
+    layer_types = tuple(m.layer for m in METHODS.values() if m.layer is not None)
     return [(p, m) for p, m in model.named_modules() if isinstance(m, layer_types)]
 
 
@@ -128,8 +159,14 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """The model as its base: every adapter layer (of any method) swapped for the base layer it
     wraps, and swapped back on leaving. The base layers are the same objects, so nothing is
-    copied or loaded twice."""
+    copied or loaded twice. Weights trained in place (full) have no base to go back to."""
     layers = adapter_layers(model)
+    inside = tuple(path + "." for path, _ in layers)
+    if any(not name.startswith(inside) for name, _ in
+           tree_flatten(model.trainable_parameters())):
+        raise UserError("the base's loss needs the base's weights, which a full fine-tune "
+                        "overwrites in place (no copy is kept); measure the base by running "
+                        "eval without --adapter-path")
     model.update_modules(tree_unflatten([(path, layer.linear) for path, layer in layers]))
     try:
         yield model
@@ -138,10 +175,28 @@ def bypassed(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def make_spec(model: nn.Module, method: str, targets: str, num_layers: int,
-              hyper: Hyper) -> AdapterSpec:
-    """Resolve targets into an AdapterSpec for this model."""
-    paths = find_targets(model, targets, num_layers)
+              hyper: Hyper, train_embeddings: bool = False) -> AdapterSpec:
+    """Resolve targets into an AdapterSpec for this model (for full: the modules that train)."""
+    own_weights = METHODS[method].own_weights
+    if own_weights is not None:  # no layer to wrap, so no targets and no hyper-parameters
+        paths = own_weights(model, num_layers, train_embeddings)
+        return AdapterSpec(method, tuple(paths), None, len(model.layers))
+    table = METHODS[method]
+    paths = find_targets(model, resolve_targets(model, method, targets), num_layers)
+    if table.feedforward:
+        names = _by_type(table.feedforward, model)
+        hyper = dataclasses.replace(hyper, feedforward=tuple(p for p in paths if _named(p, names)))
     return AdapterSpec(method, tuple(paths), hyper, len(model.layers))
+
+
+def resolve_targets(model: nn.Module, method: str, targets: str) -> str:
+    """`targets`, or where it is empty the method's default for this model's type."""
+    return targets or _by_type(METHODS[method].default_targets, model)
+
+
+def _by_type(table: dict, model: nn.Module):
+    """The entry of a table by mlx-lm model_type for this model, else its "*" entry."""
+    return table.get(getattr(model, "model_type", None), table["*"])
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

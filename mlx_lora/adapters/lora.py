@@ -30,7 +30,7 @@ class LoRALinear(nn.Module):
     """A frozen linear (float: LoRA, quantized: QLoRA) plus a trainable float32 low-rank update."""
 
     @classmethod
-    def from_base(cls, base: nn.Module, hyper: Hyper) -> "LoRALinear":
+    def from_base(cls, base: nn.Module, hyper: Hyper, path: str = "") -> "LoRALinear":
         """Wrap `base`; lora_b starts at zero so the wrapped layer equals the base."""
         input_dims, output_dims = linear_dims(base)
         layer = cls(input_dims, output_dims, hyper.rank, hyper.scale, hyper.dropout)
@@ -50,12 +50,21 @@ class LoRALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
         z = (self.dropout(x).astype(mx.float32) @ self.lora_a) @ self.lora_b
+        if "lora_a0" in self:  # PiSSA (pissa.py): its base is the residual W - s (a0 b0)^T
+            z = z - (x.astype(mx.float32) @ self.lora_a0) @ self.lora_b0
         return y + (self.scale * z).astype(x.dtype)
 
     def fused_weight(self) -> mx.array:
-        """W + scale * (lora_a @ lora_b).T, (output, input) in float32."""
+        """W + scale * (lora_a @ lora_b - lora_a0 @ lora_b0).T, (output, input) in float32."""
         weight = dequantized_weight(self.linear).astype(mx.float32)
-        return weight + self.scale * (self.lora_a @ self.lora_b).T
+        delta = self.lora_a @ self.lora_b
+        if "lora_a0" in self:
+            delta = delta - self.lora_a0 @ self.lora_b0
+        return weight + self.scale * delta.T
+
+    def fused_bias(self) -> mx.array | None:
+        """The base's bias: LoRA leaves it as it is."""
+        return self.linear.get("bias")
 
 
 LORA = Method(

@@ -1,6 +1,7 @@
 """The adapter contract, written once: hyper-parameters, the layer, and a method's table entry."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,6 +19,8 @@ class Hyper:
     alpha: float
     dropout: float = 0.0
     rslora: bool = False
+    init: str = "default"  # how lora_a, lora_b start: "default" (lora_b zero) or "pissa"
+    feedforward: tuple[str, ...] = ()  # ia3: the paths of the layers that scale their input
 
     @property
     def scale(self) -> float:
@@ -41,14 +44,17 @@ class AdapterLayer(Protocol):
     linear: nn.Module  # the frozen base layer (mlx-lm's attribute name)
 
     @classmethod
-    def from_base(cls, base: nn.Module, hyper: Hyper) -> "AdapterLayer":
-        """Wrap `base` so that the result initially equals it."""
+    def from_base(cls, base: nn.Module, hyper: Hyper, path: str = "") -> "AdapterLayer":
+        """Wrap `base`, the module at `path`, so that the result initially equals it."""
 
     def __call__(self, x: mx.array) -> mx.array:
         """The base's output with the adapter's effect."""
 
     def fused_weight(self) -> mx.array:
         """The (output, input) float32 weight of one plain layer equal to base + adapter."""
+
+    def fused_bias(self) -> mx.array | None:
+        """That plain layer's bias (None where the base has none)."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,18 @@ class Method:
     """
 
     name: str  # fine_tune_type in configs and adapter_config.json
-    layer: type  # an AdapterLayer
+    layer: type | None  # an AdapterLayer; None for a method that wraps nothing (own_weights)
     wraps: tuple[type, ...]  # the base layer types it can wrap
     trainable: tuple[str, ...]  # the layer's parameters that train
-    peft_type: str  # PEFT's peft_type for this method
+    peft_type: str | None  # PEFT's peft_type for this method; None: PEFT has no format for it
     peft_names: dict[str, str]  # our parameter name -> PEFT's (2-D tensors stored transposed)
     peft_config: dict = field(default_factory=dict)  # PEFT config keys that mark the method
+    # A method that wraps nothing trains modules' own weights in place (full fine-tuning):
+    # (model, num_layers, train_embeddings) -> the paths of the modules whose weights train.
+    own_weights: Callable[[nn.Module, int, bool], list[str]] | None = None
+    # True where Hyper's rank, alpha, rslora, dropout and init apply (LoRA's family).
+    low_rank: bool = True
+    # The targets when none are given, by mlx-lm model_type ("*": any other type).
+    default_targets: dict[str, str] = field(default_factory=lambda: {"*": "all-linear"})
+    # The target names whose layers scale their input, not their output (ia3), by model_type.
+    feedforward: dict[str, tuple[str, ...]] = field(default_factory=dict)

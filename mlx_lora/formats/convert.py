@@ -7,14 +7,15 @@ import mlx.nn as nn
 from mlx_lora import __version__
 from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import AdapterSpec
+from mlx_lora.config import ExportConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
-from mlx_lora.formats import mlx_lm_adapter, peft_adapter
+from mlx_lora.formats import gguf_adapter, mlx_lm_adapter, peft_adapter
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 from mlx_lora.formats.output_dir import check_writable, exclusive
 from mlx_lora.formats.run_config import trained_quantization
 
-FORMATS = ("mlx-lm", "peft")
+FORMATS = ("mlx-lm", "peft", "gguf")
 
 
 def adapter_format(adapter_dir: Path) -> str:
@@ -50,20 +51,32 @@ def check_architecture(model: nn.Module, config: dict, adapter_dir: Path) -> Non
         )
 
 
-def export_adapter(adapter_dir: Path, fmt: str, save_path: Path) -> str:
-    """Write the adapter of `adapter_dir` in format `fmt` to `save_path`; returns its format."""
+def export_adapter(adapter_dir: Path, fmt: str, save_path: Path,
+                   outtype: str = ExportConfig.outtype,
+                   model: str | None = None) -> str:
+    """Write the adapter of `adapter_dir` in format `fmt` to `save_path` (for gguf a file, of
+    tensor type `outtype`, for the base `model` or the one the adapter names); returns the
+    adapter's own format."""
     adapter_dir, save_path = Path(adapter_dir), Path(save_path)
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt!r} is not one mlx-lora writes ({', '.join(FORMATS)})")
     source = adapter_format(adapter_dir)
     if save_path.resolve() == adapter_dir.resolve():
         raise UserError(f"{save_path}: the same directory as --adapter-path; pick another")
     if source == fmt:
         raise UserError(f"{adapter_dir} is already in {fmt} format")
-    check_writable(save_path, "--save-path")
+    if fmt == "gguf":
+        gguf_adapter.check_save_path(save_path)
+    else:
+        check_writable(save_path, "--save-path")
     with exclusive(save_path, "mlx-lora export"):
-        if fmt == "peft":
-            if quantization := trained_quantization(adapter_dir):
-                status(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base "
-                       "(QLoRA); PEFT adds it to whatever base it is loaded onto")
+        if fmt != "mlx-lm" and (quantization := trained_quantization(adapter_dir)):
+            status(f"note: {adapter_dir} was trained on a {quantization[0]}-bit base (QLoRA); "
+                   f"{'PEFT' if fmt == 'peft' else 'llama.cpp'} adds it to whatever base it "
+                   "is loaded onto")
+        if fmt == "gguf":
+            gguf_adapter.export_gguf(adapter_dir, source, save_path, outtype, model)
+        elif fmt == "peft":
             mlx_lm_to_peft(adapter_dir, save_path)
         else:
             peft_to_mlx_lm(adapter_dir, save_path)
@@ -74,8 +87,12 @@ def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
     """Convert an mlx-lm adapter directory to a PEFT one; no base model needed."""
     config = mlx_lm_adapter.read_adapter_config(adapter_dir)
     source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
-    weights = mlx_lm_adapter.read_tensors(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
     method, hyper = mlx_lm_adapter.method_and_hyper(config, source)
+    if METHODS[method].peft_type is None:
+        raise UserError(f"{adapter_dir}: PEFT has no format for a {method} fine-tune (its "
+                        "weights replace the base's); `mlx-lora fuse --dequantize` writes a "
+                        "model directory that transformers loads")
+    weights = mlx_lm_adapter.read_tensors(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
     paths = peft_adapter.paths_of(weights)
     peft_config = peft_adapter.peft_config(
         METHODS[method], paths, hyper, config.get("model"),
@@ -93,9 +110,9 @@ def _num_blocks(paths: list[str], num_layers: int) -> int | None:
 
 
 def peft_to_mlx_lm(peft_dir: Path, save_path: Path) -> None:
-    """Convert a PEFT LoRA directory to an mlx-lm one (that mlx_lm.load also reads)."""
+    """Convert a PEFT LoRA (or IA3) directory to an mlx-lm one (that mlx_lm.load also reads)."""
     config, method, weights = peft_adapter.read_peft(peft_dir)
-    hyper = peft_adapter.peft_hyper(config, str(peft_dir / peft_adapter.CONFIG_FILE))
+    hyper = peft_adapter.peft_hyper(config, str(peft_dir / peft_adapter.CONFIG_FILE), weights)
     paths = peft_adapter.paths_of(weights)
     keys = sorted({m["rest"] if (m := peft_adapter.BLOCK_PATH.fullmatch(p)) else p
                    for p in paths})
@@ -104,11 +121,8 @@ def peft_to_mlx_lm(peft_dir: Path, save_path: Path) -> None:
         # mlx-lm adapts these keys in every block; blocks without tensors keep lora_b = 0,
         # so the result is exact without knowing how many blocks the base has.
         "num_layers": -1,
-        "lora_parameters": {"rank": hyper.rank, "scale": hyper.scale,
-                            "dropout": hyper.dropout, "keys": keys},
         "model": config.get("base_model_name_or_path"),
-        "alpha": hyper.alpha,
-        "rslora": hyper.rslora,
+        **mlx_lm_adapter.hyper_entries(method, hyper, keys),
         "target_paths": paths,
         "mlx_lora_version": __version__,
     }

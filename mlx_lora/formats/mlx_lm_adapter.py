@@ -10,7 +10,8 @@ from mlx.utils import tree_flatten
 from mlx_lora import __version__
 from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import AdapterSpec, find_targets, inject
-from mlx_lora.adapters.protocol import Hyper
+from mlx_lora.adapters.pissa import loaded_weights, saved_hyper, saved_weights
+from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 
@@ -19,27 +20,37 @@ WEIGHTS_FILE = "adapters.safetensors"
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    """The trainable tensors under mlx-lm's names: already an adapter file's contents."""
-    return dict(tree_flatten(model.trainable_parameters()))
+    """The trainable tensors under mlx-lm's names: already an adapter file's contents (but
+    for PiSSA's layers, saved as the LoRA they equal on the original base: pissa.py)."""
+    return saved_weights(model, dict(tree_flatten(model.trainable_parameters())))
 
 
 def adapter_config(model: nn.Module, spec: AdapterSpec, base_model: str) -> dict:
     """mlx-lm's adapter_config.json, with our own extra keys (mlx-lm ignores them)."""
     keys, num_layers = spec.block_keys(model)
-    hyper = spec.hyper
     return {
         "fine_tune_type": spec.method,
         "num_layers": num_layers,
-        "lora_parameters": {
-            "rank": hyper.rank, "scale": hyper.scale, "dropout": hyper.dropout, "keys": keys,
-        },
         "model": base_model,
         "model_type": getattr(model, "model_type", None),
-        "alpha": hyper.alpha,
-        "rslora": hyper.rslora,
+        **hyper_entries(spec.table, spec.hyper, keys),
         "target_paths": list(spec.paths),
         "mlx_lora_version": __version__,
     }
+
+
+def hyper_entries(method: Method, hyper: Hyper | None, keys: list[str]) -> dict:
+    """The adapter_config.json keys that state a method's hyper-parameters."""
+    if hyper is None:  # a full fine-tune: mlx-lm reads only fine_tune_type then
+        return {}
+    if not method.low_rank:  # ia3, which mlx-lm cannot load: which layers scale their input
+        return {"feedforward_paths": list(hyper.feedforward)}
+    # A PiSSA run is saved as the plain LoRA it equals on the original base (pissa.py).
+    pissa = {"init": "pissa"} if hyper.init == "pissa" else {}
+    hyper = saved_hyper(hyper) if pissa else hyper
+    return {"lora_parameters": {"rank": hyper.rank, "scale": hyper.scale,
+                                "dropout": hyper.dropout, "keys": keys},
+            "alpha": hyper.alpha, "rslora": hyper.rslora, **pissa}
 
 
 def save_adapters(adapter_dir: Path, model: nn.Module, spec: AdapterSpec,
@@ -64,12 +75,19 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
-def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper]:
-    """The method and hyper-parameters an mlx-lm adapter config states."""
+def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper | None]:
+    """The method and hyper-parameters an mlx-lm adapter config states (None for full)."""
     method = config.get("fine_tune_type", "lora")
     if method not in METHODS:
         raise UserError(f"{source}: fine_tune_type '{method}' is not supported "
                         f"(supported: {', '.join(METHODS)})")
+    if METHODS[method].own_weights is not None:
+        return method, None  # mlx-lm writes lora_parameters for full too; they mean nothing
+    if not METHODS[method].low_rank:  # no rank or scale; ia3: which layers scale their input
+        paths = config.get("feedforward_paths") or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise UserError(f"{source}: feedforward_paths must be a list of module paths")
+        return method, Hyper(0, 0.0, feedforward=tuple(paths))
     try:
         params = config["lora_parameters"]
         rank, scale = int(params["rank"]), float(params["scale"])
@@ -87,8 +105,11 @@ def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper]:
 def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
     """Rebuild the AdapterSpec an adapter config describes, for this model."""
     method, hyper = method_and_hyper(config, source)
+    own_weights = METHODS[method].own_weights
     if "target_paths" in config:
         paths = list(config["target_paths"])
+    elif own_weights is not None:  # mlx-lm's full: the last num_layers blocks
+        paths = own_weights(model, int(config.get("num_layers", -1)), False)
     else:  # written by mlx-lm: keys relative to each of the last num_layers blocks
         keys = config["lora_parameters"].get("keys")
         targets = ",".join(keys) if keys else "all-linear"
@@ -148,4 +169,6 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
     absent = [name for name in expected if name not in weights]
     if absent:
         raise UserError(f"{path}: no tensor for '{absent[0]}' (and {len(absent) - 1} more)")
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=False)
+    # Each in the dtype it trains in: float32 adapters, a full fine-tune's base dtype.
+    weights = loaded_weights(model, {k: v.astype(expected[k].dtype) for k, v in weights.items()})
+    model.load_weights(list(weights.items()), strict=False)

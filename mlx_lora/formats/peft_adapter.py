@@ -1,8 +1,10 @@
-"""Hugging Face PEFT's LoRA directory (adapter_config.json + adapter_model.safetensors), both ways.
+"""Hugging Face PEFT's LoRA (and IA3) directory (adapter_config.json + adapter_model.safetensors),
+both ways.
 
 PEFT names a tensor `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
 (out, r): the transposes of our `lora_a` (in, r) and `lora_b` (r, out). Its scale is
-lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, as ours. mlx-lm's module paths equal
+lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, as ours. IA3's `.ia3_l` is (out, 1)
+or (1, in), the transpose of ours too. mlx-lm's module paths equal
 transformers' for the decoder-only models both load (llama, qwen2, mistral, ...).
 """
 
@@ -12,13 +14,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_lora.adapters import METHODS
+from mlx_lora.adapters.ia3 import feedforward_paths
 from mlx_lora.adapters.inject import AdapterSpec, inject
 from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
-from mlx_lora.formats.mlx_lm_adapter import adapter_weights, read_tensors
+from mlx_lora.formats.mlx_lm_adapter import read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,6 +38,8 @@ UNSUPPORTED = {
     "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA",
     "use_bdlora": "BD-LoRA",
 }
+# PEFT inits that change the base weights when the adapter is made, which we cannot redo.
+BASE_CHANGING_INITS = ("pissa_niter", "olora", "corda", "loftq", "lora_ga")
 
 
 def is_peft_dir(path: Path) -> bool:
@@ -109,6 +115,8 @@ def target_modules(paths: list[str], num_blocks: int | None) -> dict:
 def peft_config(method: Method, paths: list[str], hyper: Hyper, base_model: str | None,
                 num_blocks: int | None) -> dict:
     """PEFT's adapter_config.json for `method` on `paths`."""
+    if method.peft_type == "IA3":
+        return _ia3_config(paths, hyper, base_model, num_blocks)
     alpha = hyper.alpha
     return {
         "peft_type": method.peft_type,
@@ -128,6 +136,25 @@ def peft_config(method: Method, paths: list[str], hyper: Hyper, base_model: str 
         "init_lora_weights": True,
         "inference_mode": True,
         "revision": None,
+    }
+
+
+def _ia3_config(paths: list[str], hyper: Hyper, base_model: str | None,
+                num_blocks: int | None) -> dict:
+    """PEFT's IA3 config: the targets and, among them, the feed-forward ones (input scaled)."""
+    selection = target_modules(paths, num_blocks)
+    targets, feedforward = sorted(paths), sorted(hyper.feedforward)  # full paths: exact
+    if selection["layers_to_transform"] is None and selection["target_modules"] != targets:
+        # Names relative to a block, where PEFT's suffix test picks the same feed-forward layers
+        # (IA3Config has no layers_to_transform, so only for targets in every block).
+        names = sorted({BLOCK_PATH.fullmatch(p)["rest"] for p in feedforward})
+        if {p for p in paths if p.endswith(tuple(names))} == set(feedforward):
+            targets, feedforward = selection["target_modules"], names
+    return {
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "target_modules": targets, "feedforward_modules": feedforward, "exclude_modules": None,
+        "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True,
+        "inference_mode": True, "revision": None,
     }
 
 
@@ -162,6 +189,11 @@ def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
                             "carry it, so the adapter would not compute the same thing")
     if config.get("bias", "none") != "none":
         raise UserError(f"{config_path}: bias is {config['bias']!r}; only 'none' is supported")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        raise UserError(f"{config_path}: init_lora_weights is {init!r}, which changed the base "
+                        "weights this adapter applies to; save it from PEFT converted to LoRA "
+                        "(save_pretrained's path_initial_model_for_weight_conversion)")
     if not weights_path.is_file():
         hint = ""
         if (peft_dir / "adapter_model.bin").is_file():
@@ -172,8 +204,18 @@ def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
     return config, method, from_peft_weights(raw, method, str(weights_path))
 
 
-def peft_hyper(config: dict, source: str) -> Hyper:
-    """Our hyper-parameters from PEFT's r, lora_alpha, lora_dropout, use_rslora."""
+def peft_hyper(config: dict, source: str, weights: dict[str, mx.array] | None = None,
+               with_base: bool = False) -> Hyper:
+    """Our hyper-parameters from PEFT's r, lora_alpha, lora_dropout, use_rslora; for IA3 the
+    feed-forward layers that its `weights` show; an unconverted PiSSA adapter only `with_base`."""
+    if config.get("peft_type") == "IA3":  # no rank or alpha; the shapes say which scale inputs
+        return Hyper(0, 0.0, feedforward=feedforward_paths(weights or {}))
+    pissa = str(config.get("init_lora_weights")).lower() == "pissa"
+    if pissa and not with_base:
+        raise UserError(f"{source}: a PiSSA adapter PEFT saved unconverted applies to a base "
+                        "minus its top singular directions, which only the base model gives; "
+                        "load it with the base (--model), or save it from PEFT converted to "
+                        "LoRA (path_initial_model_for_weight_conversion)")
     try:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha
@@ -182,7 +224,8 @@ def peft_hyper(config: dict, source: str) -> Hyper:
         raise UserError(
             f"{source}: r / lora_alpha / lora_dropout missing or not numbers ({e})"
         ) from None
-    return Hyper(rank, alpha, dropout, bool(config.get("use_rslora", False))).checked(source)
+    return Hyper(rank, alpha, dropout, bool(config.get("use_rslora", False)),
+                 "pissa" if pissa else "default").checked(source)
 
 
 def paths_of(weights: dict[str, mx.array]) -> list[str]:
@@ -194,7 +237,7 @@ def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
     """Inject the LoRA a PEFT directory holds and load it; any misfit is an error naming it."""
     peft_dir = Path(peft_dir)
     config, method, weights = read_peft(peft_dir)
-    hyper = peft_hyper(config, str(peft_dir / CONFIG_FILE))
+    hyper = peft_hyper(config, str(peft_dir / CONFIG_FILE), weights, with_base=True)
     source = str(peft_dir / WEIGHTS_FILE)
     modules = dict(model.named_modules())
     for name in weights:
@@ -216,8 +259,11 @@ def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], method: Method,
                   source: str) -> None:
-    """Every injected adapter parameter has a tensor of its shape (named as PEFT names it)."""
-    expected = adapter_weights(model)
+    """Every injected adapter parameter has a tensor of its shape (named as PEFT names it).
+
+    PEFT's file holds the trainable tensors as they are (an unconverted PiSSA adapter's too).
+    """
+    expected = dict(tree_flatten(model.trainable_parameters()))
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise UserError(

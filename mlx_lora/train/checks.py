@@ -1,20 +1,22 @@
 """What a run checks before it loads any weights: a resume's settings, the chat template, and
 the settings that deserve a warning."""
 
+import dataclasses
 from pathlib import Path
 
 from jinja2 import TemplateSyntaxError
 
+from mlx_lora.adapters import METHODS
 from mlx_lora.config import TrainConfig, to_dict
 from mlx_lora.data.records import Record
 from mlx_lora.data.template import has_chat_template
 from mlx_lora.errors import UserError
-from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings
+from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings, read_run_config
 
 # Settings a resumed run must share with the run it continues: they define the adapters, the
 # data and the batches; the rest (iters, learning-rate schedule, cadence) may change.
 RESUME_KEYS = ("model", "data", "train_mode", "fine_tune_type", "rank", "alpha", "rslora",
-               "dropout", "targets", "lora_plus_ratio",
+               "dropout", "targets", "lora_plus_ratio", "train_embeddings", "init",
                "num_layers", "quantize", "group_size", "mask_prompt", "max_seq_length",
                "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
                "completion_feature", "text_feature", "chat_feature", "valid_fraction",
@@ -30,6 +32,42 @@ def check_resume(adapter_dir: Path, config: TrainConfig) -> None:
             f"{adapter_dir}: --resume continues a run with other settings ({'; '.join(changed)} "
             f"against its {RUN_CONFIG_FILE}); use that run's settings, or start a new run in "
             "another --adapter-path (or here with --overwrite)")
+
+
+def with_run_targets(adapter_dir: Path, config: TrainConfig) -> TrainConfig:
+    """`config`, its unset targets (the method's default) taken as the run in `adapter_dir`
+    resolved them: a resumed run continues with that run's modules."""
+    previous = (read_run_config(adapter_dir) or {}).get("targets")
+    if config.targets or not previous or not isinstance(previous, str):
+        return config
+    return dataclasses.replace(config, targets=previous)
+
+
+def check_method(config: TrainConfig) -> None:
+    """Refuse settings the method cannot honor, before any weights load."""
+    method = config.fine_tune_type
+    table = METHODS[method]
+    if config.init != "default" and not (table.low_rank and table.own_weights is None):
+        raise UserError(f"--init {config.init} sets how lora_a and lora_b start, which {method} "
+                        "does not have; use it with lora or dora")
+    if table.own_weights is None:
+        if config.train_embeddings:
+            raise UserError(f"--train-embeddings trains weights in place, which {method} "
+                            "adapter files cannot hold; use it with --fine-tune-type full")
+        if not table.low_rank and (config.dropout or config.lora_plus_ratio):
+            raise UserError(f"--dropout and --lora-plus-ratio act on LoRA's factors, which "
+                            f"{method} does not have; drop them")
+        return
+    if config.quantize:
+        raise UserError(f"--fine-tune-type {method} trains the base's own weights, which "
+                        "--quantize would make integers; drop --quantize (QLoRA is lora/dora)")
+    if config.targets not in ("", "all-linear"):
+        raise UserError(f"--targets picks layers for an adapter to wrap; {method} trains whole "
+                        "blocks (pick them with --num-layers): drop --targets "
+                        "(and lora_parameters.keys from an mlx-lm config)")
+    if config.lora_plus_ratio:
+        raise UserError(f"--lora-plus-ratio speeds up lora_b, which {method} does not have; "
+                        "drop it")
 
 
 def check_template(tokenizer, records: list[Record], model: str) -> None:

@@ -1,6 +1,9 @@
 """Optimizers and learning-rate schedules."""
 
+import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_map
 
 from mlx_lora.config import TrainConfig
 
@@ -46,3 +49,10 @@ def _adam(config: TrainConfig, schedule) -> optim.Optimizer:
     if config.optimizer == "adam":
         return optim.Adam(**settings)
     return optim.AdamW(weight_decay=config.weight_decay, **settings)
+
+
+def init_state(optimizer: optim.Optimizer, model: nn.Module) -> None:
+    """Fill in Adam's moments in float32 whatever the weights' dtype (a checkpoint's loaded
+    state stays): in bfloat16, v = 0.999 v + 0.001 g^2 rounds back to v, so v never decays."""
+    params = model.trainable_parameters()
+    optimizer.init(tree_map(lambda p: p.astype(mx.float32), params))

@@ -9,7 +9,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_lora.adapters.inject import adapted_blocks, inject, make_spec, parameter_counts
+from mlx_lora.adapters.inject import (
+    adapted_blocks,
+    inject,
+    make_spec,
+    parameter_counts,
+    resolve_targets,
+)
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig, features, hub_splits, to_dict
 from mlx_lora.data.formats import describe
@@ -38,9 +44,15 @@ from mlx_lora.model.probe import probe_model
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
 from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, load_checkpoint
-from mlx_lora.train.checks import check_resume, check_template, warnings
+from mlx_lora.train.checks import (
+    check_method,
+    check_resume,
+    check_template,
+    warnings,
+    with_run_targets,
+)
 from mlx_lora.train.loop import Trainee, fit, total_steps
-from mlx_lora.train.optim import build_optimizer
+from mlx_lora.train.optim import build_optimizer, init_state
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
 from mlx_lora.train.step import make_eval_step
 from mlx_lora.train.trackers import check_installed
@@ -70,10 +82,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
     """
     check_writable(config.adapter_path, "--adapter-path")
     check_installed(config.report_to)  # a missing tracker library fails before any loading
+    check_method(config)
     adapter_dir = Path(config.adapter_path)
     with exclusive(adapter_dir, "mlx-lora train"):
         claim_run_dir(adapter_dir, resume, overwrite)
         if resume:
+            config = with_run_targets(adapter_dir, config)
             check_resume(adapter_dir, config)
         objective = OBJECTIVES[config.train_mode](config)
         with RunReport(adapter_dir, config.model, callback, unit=objective.unit) as report:
@@ -112,7 +126,7 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
     train_set, valid_set = examples["train"], examples.get("valid", [])
     optimizer = build_optimizer(config, steps)
     position = _start_position(adapter_dir, trainee.model, optimizer, resume, report)
-    optimizer.init(trainee.model.trainable_parameters())
+    init_state(optimizer, trainee.model)
     report.start(to_dict(config), position)
     if objective.prepare:
         report.event({"event": "prepare", "step": position.step, "objective": objective.name,
@@ -162,10 +176,17 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
              report: RunReport) -> tuple[Trainee, TrainConfig]:
     """Inject adapters, probe the model once, decide packing; the config as it really runs."""
     mx.random.seed(config.seed)
-    hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora)
-    spec = make_spec(model, config.fine_tune_type, config.targets, config.num_layers, hyper)
+    hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora, config.init)
+    targets = resolve_targets(model, config.fine_tune_type, config.targets)
+    config = dataclasses.replace(config, targets=targets)  # recorded as what really happens
+    started = time.perf_counter()
+    spec = make_spec(model, config.fine_tune_type, targets, config.num_layers, hyper,
+                     config.train_embeddings)
     inject(model, spec)
     report.spec = spec
+    if config.init == "pissa":
+        report.say(f"pissa: lora_a, lora_b of {len(spec.paths)} layers from their weights' SVD "
+                   f"(on the CPU) in {time.perf_counter() - started:.1f}s")
     if config.resume_adapter_file:
         load_adapter_weights(model, Path(config.resume_adapter_file))
         report.say(f"starting from the adapter weights in {config.resume_adapter_file}")
@@ -182,8 +203,9 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     if config.grad_checkpoint:
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
     trainable, total = parameter_counts(model)
+    what = "adapted layers" if spec.table.own_weights is None else "trained modules"
     report.say(f"trainable parameters: {trainable:,} of {total:,} "
-               f"({100 * trainable / total:.3f}%) in {len(spec.paths)} adapted layers")
+               f"({100 * trainable / total:.3f}%) in {len(spec.paths)} {what}")
     # Only a token loss has a uniform-output value (ln vocabulary) to recognize divergence by.
     vocab = vocab_rows(model) if objective.unit == "tokens" else None
     return Trainee(model, objective, probe.split, pack, report, vocab), config
