@@ -14,7 +14,14 @@ from mlx.utils import tree_flatten
 from test_peft import hf_model, require
 
 from mlx_lora.adapters import METHODS
-from mlx_lora.adapters.inject import find_targets, inject, make_spec, parameter_counts
+from mlx_lora.adapters.inject import (
+    adapter_layers,
+    bypassed,
+    find_targets,
+    inject,
+    make_spec,
+    parameter_counts,
+)
 from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig, to_dict
@@ -105,6 +112,17 @@ def test_only_adapters_train_and_are_float32(tiny_llama, case, quantize):
     assert all(v.dtype == mx.float32 for v in trainable.values())
     n_trainable, n_total = parameter_counts(loaded.model)
     assert 0 < n_trainable < n_total
+
+
+@pytest.mark.parametrize("case, quantize", [
+    p for p in TABLE if METHODS[p.values[0].fine_tune_type].layer is not None])
+def test_bypassed_is_the_base(tiny_llama, case, quantize):
+    base = load_base(str(tiny_llama), quantize=quantize).model(TOKENS)
+    loaded, spec = trained(tiny_llama, case, quantize)
+    assert [path for path, _ in adapter_layers(loaded.model)] == list(spec.paths)
+    with bypassed(loaded.model) as model:  # what the forgetting probe measures the base with
+        assert_close(model(TOKENS), base, 0.0)
+    assert np.abs(np.array(loaded.model(TOKENS)) - np.array(base)).max() > 1e-3
 
 
 @pytest.mark.parametrize("case, quantize", TABLE)

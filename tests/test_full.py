@@ -1,6 +1,8 @@
 """Full fine-tuning: what trains, mlx-lm serves it, eval/generate, refusals, bfloat16."""
 
 import json
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -91,6 +93,20 @@ def test_mlx_lm_serves_our_full_fine_tune_to_our_logits(tiny_llama, full_run):
         np.testing.assert_allclose(logits(theirs), logits(ours.model), atol=1e-5)
     base = logits(load_base(str(tiny_llama)).model)
     assert np.abs(logits(ours.model) - base).max() > 1e-2
+
+
+def test_a_full_fine_tune_by_mlx_lm_loads_to_mlx_lm_logits(tiny_llama, data, tmp_path):
+    out = tmp_path / "theirs"
+    done = subprocess.run([sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_llama),
+                           "--train", "--data", str(data), "--fine-tune-type", "full",
+                           "--num-layers", "1", "--iters", "2", "--batch-size", "4",
+                           "--steps-per-eval", "100", "--adapter-path", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, _ = load_adapted(str(tiny_llama), str(out))
+    theirs, _ = mlx_lm.load(str(tiny_llama), adapter_path=str(out))
+    np.testing.assert_array_equal(logits(ours.model), logits(theirs))
+    assert np.abs(logits(ours.model) - logits(load_base(str(tiny_llama)).model)).max() > 1e-3
 
 
 def test_cli_trains_embeddings_of_a_tied_model_then_eval_and_generate(tiny_qwen2, data,

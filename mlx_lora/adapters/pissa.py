@@ -25,11 +25,9 @@ from mlx_lora.adapters.protocol import Hyper
 
 
 def thin_svd(weight: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """U (m, k), S (k,), V^T (k, n) of an (m, n) matrix, k = min(m, n), on the CPU stream.
-
-    MLX's svd returns full square factors and runs only on the CPU; a QR step first keeps
-    them k-sized (a (14336, 14336) V would be 0.8 GB).
-    """
+    """U (m, k), S (k,), V^T (k, n) of an (m, n) matrix, k = min(m, n), on the CPU stream."""
+    # MLX's svd runs only on the CPU and returns full square factors; a QR step first keeps
+    # them k-sized (a full V of a 14336-wide weight would take 0.8 GB).
     if weight.shape[0] < weight.shape[1]:
         u, s, vt = thin_svd(weight.T)
         return vt.T, s, u.T
@@ -68,8 +66,8 @@ def saved_weights(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, m
 
 
 def loaded_weights(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """A file's tensors for this model: a PiSSA layer's LoRA of twice the rank split back into
-    lora_a, lora_b and the initial lora_a0, lora_b0 (exactly: a negation is exact)."""
+    """A file's tensors for this model, each PiSSA layer's split back into lora_a, lora_b,
+    lora_a0, lora_b0 (exactly: slicing and negating round nothing)."""
     weights = dict(weights)
     for path, layer in pissa_layers(model):
         a, b = f"{path}.lora_a", f"{path}.lora_b"

@@ -1,11 +1,11 @@
-"""Hugging Face PEFT's LoRA (and IA3) directory (adapter_config.json + adapter_model.safetensors),
+"""Hugging Face PEFT's LoRA and IA3 directories (adapter_config.json + adapter_model.safetensors),
 both ways.
 
 PEFT names a tensor `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
 (out, r): the transposes of our `lora_a` (in, r) and `lora_b` (r, out). Its scale is
-lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, as ours. IA3's `.ia3_l` is (out, 1)
-or (1, in), the transpose of ours too. mlx-lm's module paths equal
-transformers' for the decoder-only models both load (llama, qwen2, mistral, ...).
+lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, as ours. IA3's `.ia3_l`, (out, 1) or
+(1, in), is the transpose of ours too. mlx-lm's module paths equal transformers' for the
+decoder-only models both load (llama, qwen2, mistral, ...).
 """
 
 import json

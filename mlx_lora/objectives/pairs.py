@@ -8,6 +8,7 @@ the prompt is context (tokenized alike in both halves, as both render the same m
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,7 @@ from mlx_lora.config import TrainConfig
 from mlx_lora.console import status
 from mlx_lora.data.batching import Batch, batch_plan, eval_plan, loss_positions, make_batch
 from mlx_lora.data.records import Record, problems_error
+from mlx_lora.data.stream import WHOLE, Part, share
 from mlx_lora.data.template import check_chat_template
 from mlx_lora.data.tokenize import Example, encode, to_example
 from mlx_lora.errors import UserError
@@ -124,20 +126,23 @@ def _eval_plan(pairs: list[Pair], config: TrainConfig) -> list[list[int]]:
 
 
 def pair_batches(pairs: list[Pair], config: TrainConfig, pack: bool, epoch: int = 0,
-                 cursor: int = 0) -> Iterator[tuple[int, int, PairBatch]]:
+                 cursor: int = 0, part: Part = WHOLE) -> Iterator[tuple[int, int, PairBatch]]:
     """(epoch, cursor after this batch, batch) forever; pairs are never packed."""
     lengths = pair_lengths(pairs)
+    make = partial(make_pair_batch, pairs, max_seq_length=config.max_seq_length)
     while True:
         plan = batch_plan(lengths, config.batch_size, config.seed, epoch)
         for index in range(cursor, len(plan)):
-            yield epoch, index + 1, make_pair_batch(pairs, plan[index], config.max_seq_length)
+            yield epoch, index + 1, share(make, plan[index], part)
         epoch, cursor = epoch + 1, 0
 
 
-def eval_pair_batches(pairs: list[Pair], config: TrainConfig) -> Iterator[PairBatch]:
+def eval_pair_batches(pairs: list[Pair], config: TrainConfig,
+                      part: Part = WHOLE) -> Iterator[PairBatch]:
     """The first val_batches batches (-1: all), sorted by length to pad little."""
+    make = partial(make_pair_batch, pairs, max_seq_length=config.max_seq_length)
     for indices in _eval_plan(pairs, config):
-        yield make_pair_batch(pairs, indices, config.max_seq_length)
+        yield share(make, indices, part)
 
 
 

@@ -18,8 +18,9 @@ class Objective:
     """One training objective, as plain functions; a new objective is one file and one line.
 
     examples(records, tokenizer, config, name) -> examples of one split
-    train_batches(examples, config, pack, epoch, cursor) -> (epoch, cursor after, batch), forever
-    eval_batches(examples, config) -> the batches one evaluation pass runs over
+    train_batches(examples, config, pack, epoch, cursor, part=WHOLE) -> (epoch, cursor after,
+        batch), forever: with part (data.stream.Part), a rank's share of every global batch
+    eval_batches(examples, config, part=WHOLE) -> the batches one evaluation pass runs over
     arrays(batch) -> the loss's array arguments
     count(batch) -> the units the batch holds (target tokens, pairs): an update's divisor
     make_loss(model, split, with_grad) -> LossFn; split is the model's head split or None
