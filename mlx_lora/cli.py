@@ -96,7 +96,8 @@ def train(config_file, resume, overwrite, **flags):
     run = Finetune(config=config_file, resume=resume, overwrite=overwrite, **flags)
     result = run.train()
     if not result.finished:
-        click.echo(interrupted_message(result), err=True)
+        if result.rank == 0:  # of several processes, rank 0 saved the checkpoint and says so
+            click.echo(interrupted_message(result), err=True)
         raise click.exceptions.Exit(130)
 
 

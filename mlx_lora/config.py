@@ -45,8 +45,10 @@ class TrainConfig:
                                "magnitude per output row), or ia3 (learned scales of the keys, "
                                "values and feed-forward input, as PEFT's IA3; no rank), or full "
                                "(every weight of the last num-layers blocks trains; float bases "
-                               "only).",
-                               choices=("lora", "dora", "ia3", "full"), aliases=("train_type",))
+                               "only), or adapter (bottleneck adapters, AdapterHub's: see "
+                               "--adapter-variant).",
+                               choices=("lora", "dora", "ia3", "full", "adapter"),
+                               aliases=("train_type",))
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
@@ -63,12 +65,21 @@ class TrainConfig:
         "empty = the method's default: all-linear, for ia3 PEFT's modules for the model type "
         "(k_proj,v_proj,down_proj on llama).")
     num_layers: int = _opt(-1, "Adapt only the last N transformer blocks; -1 = all.")
+    adapter_variant: str = _opt(
+        "pfeiffer", "Bottleneck adapters (fine-tune-type adapter), as AdapterHub names them: "
+        "pfeiffer (SeqBnConfig: one after each block, on the residual stream, relu) or houlsby "
+        "(DoubleSeqBnConfig: after each block's attention and feed-forward outputs, swish).",
+        choices=("pfeiffer", "houlsby"))
+    adapter_size: int = _opt(
+        0, "Bottleneck adapters: the bottleneck's width; 0 = the model's hidden size / 16 "
+        "(AdapterHub's reduction factor 16).")
     train_embeddings: bool = _opt(
         False, "Full fine-tuning: also train the weights outside the blocks (token embeddings, "
         "final norm, output head).")
     max_seq_length: int = _opt(2048, "Longer records are truncated to this many tokens.")
     mask_prompt: bool = _opt(False, "Train only on completions / every assistant turn.")
-    batch_size: int = _opt(4, "Records per micro-batch.")
+    batch_size: int = _opt(4, "Records per micro-batch; on several processes (mlx.launch), per "
+                           "micro-batch of them all, each reading its share.")
     pack: bool = _opt(
         True, "Pack records into rows of up to max-seq-length tokens, each record seeing only "
         "itself (batch-size records per micro-batch on average); skipped, saying why, for a "
@@ -78,7 +89,14 @@ class TrainConfig:
                                         aliases=("gradient_accumulation_steps",))
     iters: int = _opt(1000, "Optimizer updates to run (ignored when epochs is set).")
     epochs: float = _opt(0.0, "Passes over the training set; 0 = use iters.")
-    optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw"))
+    optimizer: str = _opt(
+        "adamw", "Optimizer: adam, adamw, or their 8-bit forms adam-8bit, adamw-8bit (moments in "
+        "blocks of 256 one-byte codes with a float32 scale each: a quarter of the memory).",
+        choices=("adam", "adamw", "adam-8bit", "adamw-8bit"))
+    shard_optimizer: bool = _opt(
+        False, "On several processes (mlx.launch), each keeps and updates 1/N of the optimizer "
+        "state and they all-gather the updated weights (ZeRO stage 1); a single process has "
+        "nothing to share it with.")
     learning_rate: float = _opt(1e-4, "Peak learning rate.")
     weight_decay: float = _opt(0.0, "Decoupled weight decay (adamw).")
     adam_beta1: float = _opt(0.9, "Adam's first-moment decay.")
@@ -236,7 +254,7 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     non_negative = ("iters", "epochs", "learning_rate", "weight_decay", "warmup", "max_grad_norm",
                     "steps_per_eval", "early_stopping_patience", "decay_steps",
                     "end_learning_rate", "warmup_init", "adam_epsilon", "clear_cache_threshold",
-                    "lora_plus_ratio", "beta")
+                    "lora_plus_ratio", "beta", "adapter_size")
     for key in non_negative:
         if getattr(config, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {getattr(config, key)}")
@@ -244,8 +262,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
         raise UserError(f"{source}: 'dropout' must be in [0, 1), got {config.dropout}")
     if config.quantize not in (0, 2, 3, 4, 5, 6, 8):
         raise UserError(f"{source}: 'quantize' must be 0 (off), 4 or 8 (or 2, 3, 5, 6 bits)")
-    if config.optimizer == "adam" and config.weight_decay:
-        raise UserError(f"{source}: weight_decay needs optimizer adamw (adam has none)")
+    if config.optimizer in ("adam", "adam-8bit") and config.weight_decay:
+        raise UserError(f"{source}: weight_decay needs optimizer adamw or adamw-8bit "
+                        f"({config.optimizer} has none)")
     if config.num_layers == 0 or config.num_layers < -1:
         raise UserError(f"{source}: 'num_layers' must be -1 (all) or a positive count")
     for key in ("val_batches", "test_batches"):

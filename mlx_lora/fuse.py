@@ -16,12 +16,14 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
+from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import adapter_layers
 from mlx_lora.adapters.lora import dequantized_weight
 from mlx_lora.config import FuseConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
-from mlx_lora.formats.convert import load_any_adapter
+from mlx_lora.formats.convert import adapter_format, load_any_adapter
+from mlx_lora.formats.mlx_lm_adapter import read_adapter_config
 from mlx_lora.formats.model_dir import check_save_path, remove_stale_partials, write_model_dir
 from mlx_lora.formats.output_dir import exclusive
 from mlx_lora.model.adapted import load_base_for
@@ -189,6 +191,7 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
     """Fuse `adapter_path` into `model` and write the result to `save_path`."""
     if dequantize and quantize:
         raise UserError("--dequantize and --quantize exclude each other; pick one")
+    check_fusable(Path(adapter_path))
     save_path = Path(save_path)
     local = [Path(model)] if Path(model).exists() else []  # a Hub id resolves on load
     check_save_path(save_path, [Path(adapter_path), *local], overwrite)
@@ -198,6 +201,17 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
                        tolerance, overwrite, trust_remote_code)
     report(result, tolerance)
     return result
+
+
+def check_fusable(adapter_path: Path) -> None:
+    """Refuse, before anything loads, an adapter that no plain model can hold."""
+    if adapter_format(adapter_path) != "mlx-lm":
+        return  # PEFT's methods (LoRA, IA3) all fold
+    method = METHODS.get(read_adapter_config(adapter_path).get("fine_tune_type", "lora"))
+    if method is not None and not method.fusable:
+        raise UserError(f"{adapter_path}: {method.name} adds a nonlinear function of the hidden "
+                        "states, which no weight of the base can hold, so it cannot be fused; "
+                        "use it as it is (mlx-lora generate, eval or serve)")
 
 
 def _fuse(model: str, adapter_path: str, save_path: Path, dequantize: bool, quantize: int,

@@ -50,6 +50,8 @@ class Case:
     atol: float = 0.0  # fresh = base and save/load hold to this (0: bit for bit)
     mlx_lm: bool = True  # mlx-lm loads its adapter directory
     peft: bool = True  # PEFT has a format for it
+    fuse: bool = True  # it folds into a plain model (else fuse refuses it)
+    adapter_variant: str = "pfeiffer"  # bottleneck adapters' placement (adapter only)
 
 
 CASES = {
@@ -58,6 +60,10 @@ CASES = {
     "ia3": Case("ia3", mlx_lm=False),  # mlx-lm has no (IA)^3
     "lora+pissa": Case("lora", init="pissa", atol=1e-5),  # saved as a LoRA of twice the rank
     "full": Case("full", num_layers=1, bases=("float",), peft=False),  # trains W in place
+    # Bottleneck adapters: nonlinear, so nothing folds them, and no other tool has a format.
+    "adapter": Case("adapter", mlx_lm=False, peft=False, fuse=False),
+    "adapter-houlsby": Case("adapter", num_layers=1, mlx_lm=False, peft=False, fuse=False,
+                            adapter_variant="houlsby"),
 }
 TABLE = [pytest.param(case, quantize, id=f"{name}-{base}") for name, case in CASES.items()
          for base, quantize in BASES.items() if base in case.bases]
@@ -69,7 +75,7 @@ def adapted(path, case: Case, quantize: int, seed=0):
     loaded = load_base(str(path), quantize=quantize)
     mx.random.seed(seed)
     spec = make_spec(loaded.model, case.fine_tune_type, case.targets, case.num_layers,
-                     Hyper(4, 8.0, 0.0, False, case.init))
+                     Hyper(4, 8.0, 0.0, False, case.init, adapter_variant=case.adapter_variant))
     inject(loaded.model, spec)
     return loaded, spec
 
@@ -153,7 +159,7 @@ def test_mlx_lm_loads_our_adapters_with_equal_logits(tiny_llama, tmp_path, case,
     assert np.abs(ours - base).max() > 1e-3  # the adapters do change the output
 
 
-@pytest.mark.parametrize("case, quantize", TABLE)
+@pytest.mark.parametrize("case, quantize", [p for p in TABLE if p.values[0].fuse])
 def test_fused_equals_adapted(tiny_llama, tmp_path, case, quantize):
     trained(tiny_llama, case, quantize, tmp_path / "adapter")
     result = fuse(str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "fused"))
@@ -165,14 +171,22 @@ def test_fused_equals_adapted(tiny_llama, tmp_path, case, quantize):
     assert result.adapter_effect > 1e-2  # the adapter does change the logits
 
 
+@pytest.mark.parametrize("case, quantize", [p for p in TABLE if not p.values[0].fuse])
+def test_fuse_refuses_what_no_plain_model_holds(tiny_llama, tmp_path, case, quantize):
+    trained(tiny_llama, case, quantize, tmp_path / "adapter")
+    with pytest.raises(UserError, match="cannot be fused"):
+        fuse(str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "fused"))
+    assert not (tmp_path / "fused").exists()
+
+
 @pytest.mark.parametrize("case, quantize", TABLE)
 def test_resume_equals_uninterrupted(tiny_llama, tmp_path, case, quantize):
     assert_resume_equals_uninterrupted(
         tiny_llama, {"train": ROWS[:20], "valid": ROWS[20:]}, tmp_path, 3,
         fine_tune_type=case.fine_tune_type, init=case.init, targets=case.targets,
-        num_layers=case.num_layers, quantize=quantize, iters=6, batch_size=4,
-        learning_rate=1e-2, steps_per_eval=3, save_every=3, lr_schedule="cosine", warmup=2,
-        mask_prompt=True)
+        num_layers=case.num_layers, adapter_variant=case.adapter_variant, quantize=quantize,
+        iters=6, batch_size=4, learning_rate=1e-2, steps_per_eval=3, save_every=3,
+        lr_schedule="cosine", warmup=2, mask_prompt=True)
 
 
 @pytest.mark.parametrize("case, quantize", [p for p in FLOAT_TABLE if p.values[0].peft])
@@ -184,6 +198,14 @@ def test_peft_gives_our_logits(tiny_llama, tmp_path, case, quantize):
     with torch.no_grad():
         theirs = model(torch.tensor(np.array(TOKENS))).logits.numpy()
     assert np.abs(theirs - np.array(loaded.model(TOKENS))).max() < 1e-4  # DESIGN.md's bound
+
+
+@pytest.mark.parametrize("case, quantize", [p for p in FLOAT_TABLE if not p.values[0].peft])
+def test_peft_export_refuses_what_peft_has_no_format_for(tiny_llama, tmp_path, case, quantize):
+    trained(tiny_llama, case, quantize, tmp_path / "ours")
+    with pytest.raises(UserError, match="PEFT has no format for"):
+        export_adapter(tmp_path / "ours", "peft", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
 
 
 def test_mlx_lm_reads_our_keys_and_num_layers(tiny_llama, tmp_path):
@@ -250,43 +272,3 @@ def test_rslora_scale(tiny_llama):
     spec = make_spec(model, "lora", "q_proj", -1, Hyper(rank=16, alpha=8.0, rslora=True))
     assert spec.hyper.scale == pytest.approx(8.0 / 4.0)
 
-
-# Full fine-tuning trains the base's own weights in place: float bases only (test_full.py
-# checks that quantized ones are refused), and no zero-initialized state to compare.
-FULL_ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-             for b in range(4)]
-
-
-def fully_tuned(path, num_layers: int = 1, seed: int = 0):
-    """A base with its last num_layers blocks unfrozen and moved, as training moves them."""
-    loaded = load_base(str(path))
-    spec = make_spec(loaded.model, "full", "all-linear", num_layers, Hyper(4, 8.0))
-    inject(loaded.model, spec)
-    mx.random.seed(seed)
-    loaded.model.load_weights([(k, v + 0.05 * mx.random.normal(v.shape)) for k, v in
-                               tree_flatten(loaded.model.trainable_parameters())], strict=False)
-    return loaded, spec
-
-
-def test_full_save_then_load_is_exact(tiny_llama, tmp_path):
-    loaded, spec = fully_tuned(tiny_llama)
-    save_adapters(tmp_path, loaded.model, spec, str(tiny_llama))
-    fresh = load_base(str(tiny_llama))
-    assert load_adapters(fresh.model, tmp_path).paths == spec.paths == ("model.layers.1",)
-    np.testing.assert_array_equal(np.array(fresh.model(TOKENS)), np.array(loaded.model(TOKENS)))
-
-
-def test_full_fused_equals_adapted(tiny_llama, tmp_path):
-    loaded, spec = fully_tuned(tiny_llama)
-    save_adapters(tmp_path / "adapter", loaded.model, spec, str(tiny_llama))
-    result = fuse(str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "fused"))
-    assert result.layers == () and result.max_logit_diff == 0.0  # nothing folds: replaced
-    fused, _ = mlx_lm.load(str(tmp_path / "fused"))
-    np.testing.assert_array_equal(np.array(fused(TOKENS)), np.array(loaded.model(TOKENS)))
-
-
-def test_full_resume_equals_uninterrupted(tiny_llama, tmp_path):
-    assert_resume_equals_uninterrupted(
-        tiny_llama, {"train": FULL_ROWS[:20], "valid": FULL_ROWS[20:]}, tmp_path, 3,
-        fine_tune_type="full", num_layers=1, iters=6, batch_size=4, learning_rate=1e-3,
-        steps_per_eval=3, save_every=3, lr_schedule="cosine", warmup=2, mask_prompt=True)

@@ -12,8 +12,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.lora import linear_dims
 from mlx_lora.adapters.pissa import init_pissa
-from mlx_lora.adapters.protocol import Hyper, Method
+from mlx_lora.adapters.protocol import Hyper, Method, wrapped
 from mlx_lora.errors import UserError
+from mlx_lora.model.prefix_cache import KEY, attach
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -114,16 +115,16 @@ def inject(model: nn.Module, spec: AdapterSpec) -> None:
     if spec.table.own_weights is not None:
         _unfreeze(model, [(path, modules[path]) for path in spec.paths], spec.method)
         return
+    if spec.table.virtual is not None:  # nothing to wrap: one module at the model's top level
+        attach(model, spec.table.virtual, spec.method, spec.hyper.virtual_tokens,
+               spec.hyper.init_ids)
+        return
     method, rank = spec.table, spec.hyper.rank
     swapped = []
     for path in spec.paths:
         base = modules[path]
-        input_dims, output_dims = linear_dims(base)
-        if method.low_rank and rank > min(input_dims, output_dims):
-            raise UserError(
-                f"rank {rank} is larger than layer {path} ({input_dims} -> {output_dims}); "
-                f"use --rank {min(input_dims, output_dims)} or less"
-            )
+        if method.low_rank:
+            _check_rank(path, base, rank)
         adapter = method.layer.from_base(base, spec.hyper, path)
         if spec.hyper.init == "pissa":
             init_pissa(adapter)
@@ -133,6 +134,13 @@ def inject(model: nn.Module, spec: AdapterSpec) -> None:
     for _, adapter in swapped:  # a new module's arrays start trainable; PiSSA's lora_a0 not
         adapter.freeze(recurse=False)
         adapter.unfreeze(keys=list(method.trainable), recurse=False)
+
+
+def _check_rank(path: str, linear: nn.Module, rank: int) -> None:
+    input_dims, output_dims = linear_dims(linear)
+    if rank > min(input_dims, output_dims):
+        raise UserError(f"rank {rank} is larger than layer {path} ({input_dims} -> "
+                        f"{output_dims}); use --rank {min(input_dims, output_dims)} or less")
 
 
 def _unfreeze(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
@@ -159,19 +167,25 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """The model as its base: every adapter layer (of any method) swapped for the base layer it
     wraps, and swapped back on leaving. The base layers are the same objects, so nothing is
-    copied or loaded twice. Weights trained in place (full) have no base to go back to."""
+    copied or loaded twice. Virtual tokens (prompt, prefix) are taken out meanwhile. Weights
+    trained in place (full) have no base to go back to."""
     layers = adapter_layers(model)
-    inside = tuple(path + "." for path, _ in layers)
+    virtual = model.get(KEY)
+    inside = tuple(path + "." for path, _ in layers) + ((KEY + ".",) if virtual else ())
     if any(not name.startswith(inside) for name, _ in
            tree_flatten(model.trainable_parameters())):
         raise UserError("the base's loss needs the base's weights, which a full fine-tune "
                         "overwrites in place (no copy is kept); measure the base by running "
                         "eval without --adapter-path")
-    model.update_modules(tree_unflatten([(path, layer.linear) for path, layer in layers]))
+    model.update_modules(tree_unflatten([(path, wrapped(layer)) for path, layer in layers]))
+    if virtual is not None:
+        del model[KEY]
     try:
         yield model
     finally:
         model.update_modules(tree_unflatten(layers))
+        if virtual is not None:
+            setattr(model, KEY, virtual)
 
 
 def make_spec(model: nn.Module, method: str, targets: str, num_layers: int,
@@ -182,6 +196,11 @@ def make_spec(model: nn.Module, method: str, targets: str, num_layers: int,
         paths = own_weights(model, num_layers, train_embeddings)
         return AdapterSpec(method, tuple(paths), None, len(model.layers))
     table = METHODS[method]
+    if table.virtual is not None:  # no targets: one module at the model's top level
+        return AdapterSpec(method, (KEY,), hyper, len(model.layers))
+    if table.place is not None:  # blocks or sublayers, placed by the method itself
+        paths, hyper = table.place(model, hyper, num_layers)
+        return AdapterSpec(method, tuple(paths), hyper, len(model.layers))
     paths = find_targets(model, resolve_targets(model, method, targets), num_layers)
     if table.feedforward:
         names = _by_type(table.feedforward, model)

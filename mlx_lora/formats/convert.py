@@ -89,9 +89,10 @@ def mlx_lm_to_peft(adapter_dir: Path, save_path: Path) -> None:
     source = str(adapter_dir / mlx_lm_adapter.CONFIG_FILE)
     method, hyper = mlx_lm_adapter.method_and_hyper(config, source)
     if METHODS[method].peft_type is None:
-        raise UserError(f"{adapter_dir}: PEFT has no format for a {method} fine-tune (its "
-                        "weights replace the base's); `mlx-lora fuse --dequantize` writes a "
-                        "model directory that transformers loads")
+        hint = ("(its weights replace the base's); `mlx-lora fuse --dequantize` writes a model "
+                "directory that transformers loads" if METHODS[method].fusable else
+                "(nor can it be fused); use it with mlx-lora generate, eval or serve")
+        raise UserError(f"{adapter_dir}: PEFT has no format for a {method} fine-tune {hint}")
     weights = mlx_lm_adapter.read_tensors(adapter_dir / mlx_lm_adapter.WEIGHTS_FILE)
     paths = peft_adapter.paths_of(weights)
     peft_config = peft_adapter.peft_config(

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
@@ -93,8 +94,9 @@ def read_lora(adapter_dir: Path, fmt: str) -> LoraFactors:
                         "which llama.cpp's LoRA (W + scale * B @ A) cannot express; fuse it "
                         "(mlx-lora fuse) and convert the fused model with convert_hf_to_gguf")
     if name != "lora":
-        raise UserError(f"{source}: llama.cpp's adapter GGUF holds LoRA only, not {name}; fuse it "
-                        "(mlx-lora fuse) and convert the fused model with convert_hf_to_gguf")
+        then = ("fuse it (mlx-lora fuse) and convert the fused model with convert_hf_to_gguf"
+                if METHODS[name].fusable else "nor can it be fused; use it with mlx-lora serve")
+        raise UserError(f"{source}: llama.cpp's adapter GGUF holds LoRA only, not {name}; {then}")
     return LoraFactors(hyper, weights, base, model_type, source)
 
 

@@ -8,12 +8,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_lora import __version__
-from mlx_lora.adapters import METHODS
+from mlx_lora.adapters import METHODS, bottleneck
 from mlx_lora.adapters.inject import AdapterSpec, find_targets, inject
 from mlx_lora.adapters.pissa import loaded_weights, saved_hyper, saved_weights
 from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
+from mlx_lora.model.prefix_cache import KEY
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -28,6 +29,8 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 def adapter_config(model: nn.Module, spec: AdapterSpec, base_model: str) -> dict:
     """mlx-lm's adapter_config.json, with our own extra keys (mlx-lm ignores them)."""
     keys, num_layers = spec.block_keys(model)
+    if spec.table.virtual is not None:  # every block attends to the virtual tokens
+        num_layers = spec.num_blocks
     return {
         "fine_tune_type": spec.method,
         "num_layers": num_layers,
@@ -43,6 +46,10 @@ def hyper_entries(method: Method, hyper: Hyper | None, keys: list[str]) -> dict:
     """The adapter_config.json keys that state a method's hyper-parameters."""
     if hyper is None:  # a full fine-tune: mlx-lm reads only fine_tune_type then
         return {}
+    if method.place is not None:  # bottleneck adapters, which mlx-lm cannot load
+        return bottleneck.config_entries(hyper)
+    if method.virtual is not None:  # prompt, prefix, which mlx-lm cannot load
+        return {"num_virtual_tokens": hyper.virtual_tokens}
     if not method.low_rank:  # ia3, which mlx-lm cannot load: which layers scale their input
         return {"feedforward_paths": list(hyper.feedforward)}
     # A PiSSA run is saved as the plain LoRA it equals on the original base (pissa.py).
@@ -83,6 +90,14 @@ def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper | None]:
                         f"(supported: {', '.join(METHODS)})")
     if METHODS[method].own_weights is not None:
         return method, None  # mlx-lm writes lora_parameters for full too; they mean nothing
+    if METHODS[method].place is not None:
+        return method, bottleneck.hyper_from_config(config, source)
+    if METHODS[method].virtual is not None:  # prompt, prefix: how many virtual tokens
+        count = config.get("num_virtual_tokens")
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise UserError(f"{source}: num_virtual_tokens must be a positive count, got "
+                            f"{count!r}")
+        return method, Hyper(0, 0.0, virtual_tokens=count)
     if not METHODS[method].low_rank:  # no rank or scale; ia3: which layers scale their input
         paths = config.get("feedforward_paths") or []
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -105,8 +120,13 @@ def method_and_hyper(config: dict, source: str) -> tuple[str, Hyper | None]:
 def spec_from_config(model: nn.Module, config: dict, source: str) -> AdapterSpec:
     """Rebuild the AdapterSpec an adapter config describes, for this model."""
     method, hyper = method_and_hyper(config, source)
-    own_weights = METHODS[method].own_weights
-    if "target_paths" in config:
+    own_weights, place = METHODS[method].own_weights, METHODS[method].place
+    if place is not None:  # its placement, and its widths checked against this model
+        placed, hyper = place(model, hyper, int(config.get("num_layers", -1)))
+        paths = config.get("target_paths", placed)
+    elif METHODS[method].virtual is not None:  # one module, put in at the top level
+        paths = [KEY]
+    elif "target_paths" in config:
         paths = list(config["target_paths"])
     elif own_weights is not None:  # mlx-lm's full: the last num_layers blocks
         paths = own_weights(model, int(config.get("num_layers", -1)), False)
@@ -123,7 +143,7 @@ def load_adapters(model: nn.Module, adapter_dir: Path) -> AdapterSpec:
     config = read_adapter_config(adapter_dir)
     spec = spec_from_config(model, config, str(adapter_dir / CONFIG_FILE))
     modules = dict(model.named_modules())
-    missing = [p for p in spec.paths if p not in modules]
+    missing = [p for p in spec.paths if p not in modules and spec.table.virtual is None]
     if missing:
         raise UserError(
             f"{adapter_dir}: adapter targets module '{missing[0]}', which this model does not "
@@ -155,7 +175,12 @@ def read_tensors(path: Path) -> dict[str, mx.array]:
 
 def load_adapter_weights(model: nn.Module, path: Path) -> None:
     """Load adapter tensors; any unknown, missing or mis-shaped tensor is an error naming it."""
-    weights = read_tensors(path)
+    set_adapter_weights(model, read_tensors(path), path)
+
+
+def set_adapter_weights(model: nn.Module, weights: dict[str, mx.array], path: Path) -> None:
+    """Put read_tensors(path)'s tensors in the model; any unknown, missing or mis-shaped
+    tensor is an error naming it."""
     expected = adapter_weights(model)
     for name, value in weights.items():
         if name not in expected:

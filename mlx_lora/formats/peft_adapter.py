@@ -1,5 +1,5 @@
 """Hugging Face PEFT's LoRA and IA3 directories (adapter_config.json + adapter_model.safetensors),
-both ways.
+both ways (prompt and prefix tuning's: peft_prompt.py).
 
 PEFT names a tensor `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
 (out, r): the transposes of our `lora_a` (in, r) and `lora_b` (r, out). Its scale is
@@ -21,8 +21,10 @@ from mlx_lora.adapters.ia3 import feedforward_paths
 from mlx_lora.adapters.inject import AdapterSpec, inject
 from mlx_lora.adapters.protocol import Hyper, Method
 from mlx_lora.errors import UserError
+from mlx_lora.formats import peft_prompt
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 from mlx_lora.formats.mlx_lm_adapter import read_tensors
+from mlx_lora.model.prefix_cache import KEY
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,12 +57,16 @@ def is_peft_dir(path: Path) -> bool:
 
 def peft_name(name: str, method: Method) -> str:
     """PEFT's name for one of ours: `<path>.lora_a` -> `base_model.model.<path>.lora_A.weight`."""
+    if method.virtual is not None:  # prompt, prefix: one tensor, no module path
+        return peft_prompt.PEFT_NAME
     path, leaf = name.rsplit(".", 1)
     return f"{PREFIX}{path}.{method.peft_names[leaf]}"
 
 
 def to_peft_weights(weights: dict[str, mx.array], method: Method) -> dict[str, mx.array]:
     """Our tensors under PEFT's names and layout."""
+    if method.virtual is not None:
+        return peft_prompt.to_peft_weights(weights)
     out = {}
     for name, value in weights.items():
         if name.rsplit(".", 1)[-1] not in method.peft_names:
@@ -72,6 +78,8 @@ def to_peft_weights(weights: dict[str, mx.array], method: Method) -> dict[str, m
 def from_peft_weights(weights: dict[str, mx.array], method: Method,
                       source: str) -> dict[str, mx.array]:
     """PEFT's tensors under our names and layout, in float32; anything else is an error."""
+    if method.virtual is not None:
+        return peft_prompt.from_peft_weights(weights, method, source)
     ours = {peft: leaf for leaf, peft in method.peft_names.items()}
     out = {}
     for name, value in weights.items():
@@ -117,6 +125,8 @@ def peft_config(method: Method, paths: list[str], hyper: Hyper, base_model: str 
     """PEFT's adapter_config.json for `method` on `paths`."""
     if method.peft_type == "IA3":
         return _ia3_config(paths, hyper, base_model, num_blocks)
+    if method.virtual is not None:
+        return peft_prompt.peft_config(method, hyper, base_model)
     alpha = hyper.alpha
     return {
         "peft_type": method.peft_type,
@@ -210,6 +220,8 @@ def peft_hyper(config: dict, source: str, weights: dict[str, mx.array] | None = 
     feed-forward layers that its `weights` show; an unconverted PiSSA adapter only `with_base`."""
     if config.get("peft_type") == "IA3":  # no rank or alpha; the shapes say which scale inputs
         return Hyper(0, 0.0, feedforward=feedforward_paths(weights or {}))
+    if config.get("peft_type") in peft_prompt.PEFT_TYPES:  # no rank: a virtual-token count
+        return peft_prompt.peft_hyper(config, source)
     pissa = str(config.get("init_lora_weights")).lower() == "pissa"
     if pissa and not with_base:
         raise UserError(f"{source}: a PiSSA adapter PEFT saved unconverted applies to a base "
@@ -239,6 +251,18 @@ def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
     config, method, weights = read_peft(peft_dir)
     hyper = peft_hyper(config, str(peft_dir / CONFIG_FILE), weights, with_base=True)
     source = str(peft_dir / WEIGHTS_FILE)
+    # Virtual tokens (prompt, prefix) are one module put in at the model's top level.
+    paths = (KEY,) if method.virtual else _wrapped_paths(model, weights, method, source)
+    spec = AdapterSpec(method.name, paths, hyper, len(model.layers))
+    inject(model, spec)
+    check_weights(model, weights, method, source)
+    model.load_weights(list(weights.items()), strict=False)
+    return spec
+
+
+def _wrapped_paths(model: nn.Module, weights: dict[str, mx.array], method: Method,
+                   source: str) -> tuple[str, ...]:
+    """The paths of the layers the tensors adapt, in the model's order (as find_targets)."""
     modules = dict(model.named_modules())
     for name in weights:
         path = name.rsplit(".", 1)[0]
@@ -249,12 +273,7 @@ def load_peft_adapters(model: nn.Module, peft_dir: Path) -> AdapterSpec:
                 "another base model?"
             )
     wanted = set(paths_of(weights))
-    paths = tuple(p for p in modules if p in wanted)  # in the model's order, as find_targets
-    spec = AdapterSpec(method.name, paths, hyper, len(model.layers))
-    inject(model, spec)
-    check_weights(model, weights, method, source)
-    model.load_weights(list(weights.items()), strict=False)
-    return spec
+    return tuple(p for p in modules if p in wanted)
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], method: Method,

@@ -13,6 +13,7 @@ from mlx_lora.data.stream import eval_batches, training_batches
 from mlx_lora.data.tokenize import to_examples
 from mlx_lora.model.head import Split
 from mlx_lora.model.packed_mask import segment_caches
+from mlx_lora.model.prefix_cache import prefix_cache
 from mlx_lora.objectives.chunked_ce import chunked_ce
 from mlx_lora.objectives.protocol import LossFn, Objective
 
@@ -32,7 +33,8 @@ def token_ce(model: nn.Module, split: Split | None, with_grad: bool, inputs, seg
              positions, targets, weights, per_position: bool = False) -> mx.array:
     """Sum over loss positions of weight * cross-entropy (per position (P,) with per_position),
     chunked through the head when the model splits."""
-    cache = None if segments is None else segment_caches(model, segments)
+    # Packed rows' block-diagonal mask, or virtual tokens (prompt, prefix) before every row.
+    cache = prefix_cache(model) if segments is None else segment_caches(model, segments)
     if split is None:
         logits = model(inputs, cache=cache)  # (B, L, V)
         picked = logits.reshape(-1, logits.shape[-1])[positions]  # (P, V)

@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.adapters.inject import adapter_layers
+from mlx_lora.adapters.protocol import wrapped
 from mlx_lora.config import DEFAULTS
 from mlx_lora.errors import UserError
 from mlx_lora.formats.convert import adapter_format
@@ -36,7 +37,7 @@ class AdapterSet:
 
     def __post_init__(self):
         self.trees = {name: (tree_unflatten(layers),
-                             tree_unflatten([(p, layer.linear) for p, layer in layers]))
+                             tree_unflatten([(p, wrapped(layer)) for p, layer in layers]))
                       for name, layers in self.layers.items() if layers}
 
     def adapter_for(self, model_name: str) -> str | None:
@@ -101,7 +102,7 @@ def _load_layers(loaded: LoadedModel, name: str, directory: str) -> list[tuple[s
                         f"({in_place[0]} and {len(in_place) - 1} more), so it cannot share "
                         "the base with other adapters; fuse it and serve the result alone")
     if layers:
-        loaded.model.update_modules(tree_unflatten([(p, layer.linear) for p, layer in layers]))
+        loaded.model.update_modules(tree_unflatten([(p, wrapped(layer)) for p, layer in layers]))
     return layers
 
 
@@ -144,5 +145,5 @@ def adapter_nbytes(adapters: AdapterSet) -> dict[str, int]:
     for name, layers in adapters.layers.items():
         sizes[name] = sum(v.nbytes for _, layer in layers
                           for key, v in tree_flatten(layer.parameters())
-                          if not key.startswith("linear."))
+                          if not key.startswith(("linear.", "base.")))
     return sizes

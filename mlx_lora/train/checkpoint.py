@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
-from mlx_lora.formats.mlx_lm_adapter import WEIGHTS_FILE, load_adapter_weights
+from mlx_lora.formats.mlx_lm_adapter import WEIGHTS_FILE, read_tensors, set_adapter_weights
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.safetensors"
@@ -41,11 +41,12 @@ class Position:
 
 
 def save_checkpoint(adapter_dir: Path, save_adapters: Callable[[Path], None],
-                    optimizer: optim.Optimizer, position: Position, keep: int) -> Path:
+                    optimizer_state: dict, position: Position, keep: int) -> Path:
     """Write a complete checkpoint for `position` and drop all but the newest `keep`.
 
     save_adapters(dir) writes the adapters and their config, so a checkpoint is also an
-    adapter directory that mlx-lm and mlx-lora load.
+    adapter directory that mlx-lm and mlx-lora load. optimizer_state: the optimizer's state
+    as one process holds it (train.sharded gathers a sharded one).
     """
     root = Path(adapter_dir) / CHECKPOINTS
     final = root / f"step-{position.step:08d}"
@@ -54,7 +55,7 @@ def save_checkpoint(adapter_dir: Path, save_adapters: Callable[[Path], None],
     tmp.mkdir(parents=True)
     try:
         save_adapters(tmp)
-        state = dict(tree_flatten(optimizer.state))
+        state = dict(tree_flatten(optimizer_state))
         state["__random_state__"] = mx.random.state[0]
         save_safetensors_atomic(tmp / OPTIMIZER, state)
         write_json_atomic(tmp / STATE, asdict(position))
@@ -80,18 +81,32 @@ def list_checkpoints(adapter_dir: Path) -> list[Path]:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> Position:
     """Restore adapters, optimizer and random state from a checkpoint; return its position."""
+    return restore_checkpoint(read_checkpoint(path), model, optimizer)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents: {"path", "position" (a dict), "adapters", "optimizer"
+    (name -> array)}, as restore_checkpoint takes them (on any rank, see train.distributed)."""
     try:
-        position = Position(**json.loads((path / STATE).read_text()))
+        position = json.loads((path / STATE).read_text())
+        Position(**position)  # a field it does not know fails here, naming the file
         state = mx.load(str(path / OPTIMIZER))
+        adapters = read_tensors(path / WEIGHTS_FILE)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise UserError(
             f"{path}: cannot read checkpoint ({e}); delete it to use an older one"
         ) from None
-    load_adapter_weights(model, path / WEIGHTS_FILE)
+    return {"path": str(path), "position": position, "adapters": adapters, "optimizer": state}
+
+
+def restore_checkpoint(saved: dict, model: nn.Module, optimizer: optim.Optimizer) -> Position:
+    """Put read_checkpoint's adapters, optimizer and random state in place; its position."""
+    set_adapter_weights(model, dict(saved["adapters"]), Path(saved["path"]) / WEIGHTS_FILE)
+    state = dict(saved["optimizer"])
     high, low = state.pop("__random_state__").tolist()
     mx.random.seed((high << 32) | low)  # sets the key to exactly [high, low]
     optimizer.state = tree_unflatten(list(state.items()))
-    return position
+    return Position(**saved["position"])
 
 
 def _fsync_dir(path: Path) -> None:

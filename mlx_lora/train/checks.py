@@ -7,7 +7,7 @@ from pathlib import Path
 from jinja2 import TemplateSyntaxError
 
 from mlx_lora.adapters import METHODS
-from mlx_lora.config import TrainConfig, to_dict
+from mlx_lora.config import DEFAULTS, TrainConfig, to_dict
 from mlx_lora.data.records import Record
 from mlx_lora.data.template import has_chat_template
 from mlx_lora.errors import UserError
@@ -20,13 +20,20 @@ RESUME_KEYS = ("model", "data", "train_mode", "fine_tune_type", "rank", "alpha",
                "num_layers", "quantize", "group_size", "mask_prompt", "max_seq_length",
                "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
                "completion_feature", "text_feature", "chat_feature", "valid_fraction",
-               "dataset_config", "train_split", "valid_split", "test_split")
+               "dataset_config", "train_split", "valid_split", "test_split",
+               "adapter_variant", "adapter_size")
+# Settings whose empty value means the method's default, which a run resolves and records.
+RESOLVED = ("targets", "adapter_size")
 PROBE_ANSWER = "mlx-lora-probe-answer"
 
 
 def check_resume(adapter_dir: Path, config: TrainConfig) -> None:
     """Refuse a --resume whose settings differ from the run it continues, naming them."""
     changed = changed_settings(adapter_dir, to_dict(config), RESUME_KEYS)
+    previous = (read_run_config(adapter_dir) or {}).get("optimizer", config.optimizer)
+    if str(previous).endswith("-8bit") != config.optimizer.endswith("-8bit"):
+        changed.append(f"optimizer {previous!r} -> {config.optimizer!r} (8-bit and 32-bit "
+                       "Adam keep their state in other forms)")
     if changed:
         raise UserError(
             f"{adapter_dir}: --resume continues a run with other settings ({'; '.join(changed)} "
@@ -34,19 +41,34 @@ def check_resume(adapter_dir: Path, config: TrainConfig) -> None:
             "another --adapter-path (or here with --overwrite)")
 
 
-def with_run_targets(adapter_dir: Path, config: TrainConfig) -> TrainConfig:
-    """`config`, its unset targets (the method's default) taken as the run in `adapter_dir`
-    resolved them: a resumed run continues with that run's modules."""
-    previous = (read_run_config(adapter_dir) or {}).get("targets")
-    if config.targets or not previous or not isinstance(previous, str):
-        return config
-    return dataclasses.replace(config, targets=previous)
+def check_ranks(config: TrainConfig, n_ranks: int) -> None:
+    """Refuse a batch too small to give each of several processes a share of it."""
+    if config.batch_size < n_ranks:
+        raise UserError(f"--batch-size {config.batch_size} is the batch of all {n_ranks} "
+                        f"processes together, and each reads its share of it: use --batch-size "
+                        f"{n_ranks} or more")
+
+
+def with_run_defaults(adapter_dir: Path, config: TrainConfig) -> TrainConfig:
+    """`config`, its unset targets and adapter size (the method's defaults) taken as the run in
+    `adapter_dir` resolved them: a resumed run continues with that run's modules."""
+    previous = read_run_config(adapter_dir) or {}
+    resolved = {key: previous[key] for key in RESOLVED if not getattr(config, key)
+                and previous.get(key) and type(previous[key]) is type(getattr(config, key))}
+    return dataclasses.replace(config, **resolved)
 
 
 def check_method(config: TrainConfig) -> None:
     """Refuse settings the method cannot honor, before any weights load."""
     method = config.fine_tune_type
     table = METHODS[method]
+    if table.place is None and (config.adapter_size or
+                                config.adapter_variant != DEFAULTS.adapter_variant):
+        raise UserError("--adapter-size and --adapter-variant shape bottleneck adapters; use "
+                        "them with --fine-tune-type adapter")
+    if table.place is not None and config.targets:
+        raise UserError(f"--targets picks linear layers; {method} goes where --adapter-variant "
+                        "says (pick the blocks with --num-layers): drop --targets")
     if config.init != "default" and not (table.low_rank and table.own_weights is None):
         raise UserError(f"--init {config.init} sets how lora_a and lora_b start, which {method} "
                         "does not have; use it with lora or dora")

@@ -15,6 +15,7 @@ from mlx_lora.errors import UserError
 from mlx_lora.model.head import Split
 from mlx_lora.objectives.protocol import Objective
 from mlx_lora.train.checkpoint import Position
+from mlx_lora.train.distributed import SINGLE, Ranks
 from mlx_lora.train.interrupt import StopRequest
 from mlx_lora.train.progress import Window, peak_memory_gb
 from mlx_lora.train.report import RunReport
@@ -39,6 +40,7 @@ class Trainee:
     report: RunReport
     vocab_size: int | None  # for telling a diverged, uniform output from a loss still falling
     general: Callable[[], float] | None = None  # the forgetting probe's loss, at evaluations
+    ranks: Ranks = SINGLE  # the processes training together (the objective reads this one's share)
 
 
 def total_steps(config: TrainConfig, n_examples: int) -> int:
@@ -68,14 +70,15 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
     report.open_bar(steps, position.step)
     if (valid_set or trainee.general) and position.step == 0:  # the starting point
         validate(model, objective, eval_step, config, valid_set, position, report,
-                 trainee.general)
+                 trainee.general, trainee.ranks)
     model.train()
     with StopRequest() as interrupt:
         try:
             while position.step < steps:
                 micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
                 loss, units, stats = accumulate_and_update(
-                    grad_step, update, objective, [b for _, _, b in micro], position.step + 1)
+                    grad_step, update, objective, [b for _, _, b in micro], position.step + 1,
+                    trainee.ranks)
                 position.step += 1
                 position.epoch, position.cursor = micro[-1][0], micro[-1][1]
                 position.trained_tokens += units
@@ -88,7 +91,7 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
                 if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
                                  steps, window):
                     break
-                if interrupt.requested or (stop is not None and stop.is_set()):
+                if trainee.ranks.any(interrupt.requested or (stop is not None and stop.is_set())):
                     report.save_adapters(model)
                     report.save_checkpoint(model, optimizer, position, config.keep_checkpoints)
                     return False
@@ -98,12 +101,14 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
 
 
 def accumulate_and_update(grad_step, update, objective: Objective, micro_batches: list,
-                          step: int) -> tuple[float, int, dict[str, float]]:
+                          step: int, ranks: Ranks = SINGLE) -> tuple[float, int, dict[str, float]]:
     """One optimizer update over k micro-batches, normalized by all their units together.
 
-    Returns the mean loss per unit, the units, and the objective's statistics per unit.
+    On several ranks, the micro-batches are this rank's shares, and units, loss, statistics
+    and gradients are summed over the ranks before the update. Returns the mean loss per
+    unit, the units, and the objective's statistics per unit.
     """
-    units = sum(objective.count(b) for b in micro_batches)
+    units = ranks.total(sum(objective.count(b) for b in micro_batches))
     inv_n = mx.array(1.0 / max(units, 1))
     grads, sum_loss, stat_sums = None, mx.array(0.0), {}
     for batch in micro_batches:
@@ -111,6 +116,7 @@ def accumulate_and_update(grad_step, update, objective: Objective, micro_batches
         grads, sum_loss = add_grads(grads, micro_grads), sum_loss + batch_loss
         stat_sums = {k: stat_sums.get(k, 0.0) + v for k, v in stats.items()}
         mx.eval(grads, sum_loss, stat_sums)
+    grads, sum_loss, stat_sums = ranks.sum((grads, sum_loss, stat_sums))
     loss = sum_loss.item() / max(units, 1)
     if not math.isfinite(loss):
         raise TrainingDiverged(_diverged(step, "loss"))
@@ -169,7 +175,7 @@ def _after_update(trainee: Trainee, optimizer, config: TrainConfig, valid_set, e
     if evaluates and ((config.steps_per_eval and step % config.steps_per_eval == 0) or last):
         eval_started = time.perf_counter()
         validate(model, trainee.objective, eval_step, config, valid_set, position, report,
-                 trainee.general)
+                 trainee.general, trainee.ranks)
         window.start += time.perf_counter() - eval_started  # not training throughput
         stop_early = should_stop_early(config, position)
         if stop_early:

@@ -3,9 +3,12 @@
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.config import TrainConfig
+from mlx_lora.train.adam8bit import BLOCK, Adam8bit
+from mlx_lora.train.distributed import Ranks
+from mlx_lora.train.sharded import ShardedOptimizer
 
 
 def build_schedule(config: TrainConfig, total_steps: int):
@@ -48,7 +51,40 @@ def _adam(config: TrainConfig, schedule) -> optim.Optimizer:
                     eps=config.adam_epsilon, bias_correction=config.bias_correction)
     if config.optimizer == "adam":
         return optim.Adam(**settings)
+    if config.optimizer == "adam-8bit":  # AdamW without decay is Adam, to the bit
+        return Adam8bit(weight_decay=0.0, **settings)
+    if config.optimizer == "adamw-8bit":
+        return Adam8bit(weight_decay=config.weight_decay, **settings)
     return optim.AdamW(weight_decay=config.weight_decay, **settings)
+
+
+def optimizer_for(config: TrainConfig, total_steps: int, model: nn.Module, ranks: Ranks):
+    """build_optimizer's optimizer; with --shard-optimizer on several ranks, its state split
+    over them (8-bit Adam's slices in whole blocks)."""
+    if not (config.shard_optimizer and ranks.size > 1):
+        return build_optimizer(config, total_steps)
+    align = BLOCK if config.optimizer.endswith("-8bit") else 1
+    return ShardedOptimizer(lambda: build_optimizer(config, total_steps),
+                            model.trainable_parameters(), ranks, align)
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of per-parameter optimizer state this process holds (not the step or rate)."""
+    return sum(value.nbytes for _, value in tree_flatten(optimizer.state) if value.ndim > 0)
+
+
+def state_line(config: TrainConfig, optimizer, model: nn.Module, ranks: Ranks) -> str | None:
+    """What the optimizer state costs, against 32-bit Adam on one process; None by default."""
+    if not (config.optimizer.endswith("-8bit") or config.shard_optimizer):
+        return None
+    elements = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    where = "" if ranks.size == 1 else " per rank"
+    if isinstance(optimizer, ShardedOptimizer):
+        where += f", sharded over {ranks.size}"
+    alone = "; --shard-optimizer: no other process to share it with" if (
+        config.shard_optimizer and ranks.size == 1) else ""
+    return (f"optimizer state: {state_bytes(optimizer) / 2**20:.3f} MiB{where} "
+            f"({config.optimizer}; unsharded 32-bit Adam: {8 * elements / 2**20:.3f} MiB{alone})")
 
 
 def init_state(optimizer: optim.Optimizer, model: nn.Module) -> None:

@@ -5,7 +5,9 @@ Only a writing process (rank 0 of several) touches files or the console; that is
 and nowhere else. Every event goes to metrics.jsonl and to the callback as the same dict.
 """
 
+import os
 from collections.abc import Callable
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import mlx.nn as nn
@@ -26,6 +28,7 @@ from mlx_lora.formats.run_config import RUN_CONFIG_FILE, write_run_config
 from mlx_lora.plot import PLOT_FILE, plot_run
 from mlx_lora.train.checkpoint import CHECKPOINTS, STATE, Position, save_checkpoint
 from mlx_lora.train.progress import ProgressBar
+from mlx_lora.train.sharded import whole_state
 from mlx_lora.train.trackers import Trackers
 
 BEST_DIR = "best"
@@ -51,11 +54,17 @@ class RunReport:
         self.bar: ProgressBar | None = None
         self.latest: dict[str, dict] = {}  # event name -> its latest record
         self.trackers = Trackers()  # opened by start(), from the config's report_to
+        self.quiet = ExitStack()
 
     def __enter__(self) -> "RunReport":
+        if not self.writes:  # another rank prints: this one's other lines go nowhere too
+            devnull = self.quiet.enter_context(open(os.devnull, "w"))
+            self.quiet.enter_context(redirect_stdout(devnull))
+            self.quiet.enter_context(redirect_stderr(devnull))
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
+        self.quiet.close()
         self.trackers.close(failed=error_type is not None)
 
     def say(self, text: str) -> None:
@@ -122,11 +131,12 @@ class RunReport:
     def save_checkpoint(self, model: nn.Module, optimizer: optim.Optimizer, position: Position,
                         keep: int) -> Path:
         """Resume state for `position`; returns where it is (or would be, on other ranks)."""
+        state = whole_state(optimizer)  # every rank takes part when the state is sharded
         if not self.writes:
             return self.adapter_dir / CHECKPOINTS
         return save_checkpoint(
             self.adapter_dir, lambda d: save_adapters(d, model, self.spec, self.base_model),
-            optimizer, position, keep)
+            state, position, keep)
 
     def done(self, position: Position) -> None:
         """The final metrics line, from the run's own state, and the loss plot."""

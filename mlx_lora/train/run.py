@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +44,24 @@ from mlx_lora.model.load import (
 from mlx_lora.model.probe import probe_model
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
-from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, load_checkpoint
+from mlx_lora.train.checkpoint import (
+    CHECKPOINTS,
+    Position,
+    list_checkpoints,
+    read_checkpoint,
+    restore_checkpoint,
+)
 from mlx_lora.train.checks import (
     check_method,
+    check_ranks,
     check_resume,
     check_template,
     warnings,
-    with_run_targets,
+    with_run_defaults,
 )
+from mlx_lora.train.distributed import Ranks, broadcast, join_ranks, ranked, ranks_line
 from mlx_lora.train.loop import Trainee, fit, total_steps
-from mlx_lora.train.optim import build_optimizer, init_state
+from mlx_lora.train.optim import init_state, optimizer_for, state_line
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
 from mlx_lora.train.step import make_eval_step
 from mlx_lora.train.trackers import check_installed
@@ -69,6 +78,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     loaded: LoadedModel  # the base with the trained adapters in, for evaluation and generation
+    rank: int = 0  # of the processes that trained together; rank 0 wrote the files
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *, data=None,
@@ -78,24 +88,32 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
     data: records in memory instead of config.data (see data.sources.read_splits); base: an
     already-loaded (model, tokenizer) instead of config.model; callback: gets every metrics
     event as a dict; stop: a threading.Event that ends training after the current step,
-    with a checkpoint saved, as Ctrl-C does.
+    with a checkpoint saved, as Ctrl-C does. Started by mlx.launch, each process trains on
+    its share of every batch (train.distributed); rank 0 alone reads and writes adapter_path.
     """
-    check_writable(config.adapter_path, "--adapter-path")
-    check_installed(config.report_to)  # a missing tracker library fails before any loading
+    ranks = join_ranks()
     check_method(config)
+    check_ranks(config, ranks.size)
+    if ranks.writes:
+        check_writable(config.adapter_path, "--adapter-path")
+        check_installed(config.report_to)  # a missing tracker library fails before any loading
     adapter_dir = Path(config.adapter_path)
-    with exclusive(adapter_dir, "mlx-lora train"):
-        claim_run_dir(adapter_dir, resume, overwrite)
-        if resume:
-            config = with_run_targets(adapter_dir, config)
+    with exclusive(adapter_dir, "mlx-lora train") if ranks.writes else nullcontext():
+        if ranks.writes:
+            claim_run_dir(adapter_dir, resume, overwrite)
+        if resume and ranks.writes:
+            config = with_run_defaults(adapter_dir, config)
             check_resume(adapter_dir, config)
-        objective = OBJECTIVES[config.train_mode](config)
-        with RunReport(adapter_dir, config.model, callback, unit=objective.unit) as report:
-            return _train(config, objective, report, resume, data, base, stop)
+        if ranks.size > 1:  # every rank runs as rank 0 resolved it
+            config = TrainConfig(**broadcast(ranks, to_dict(config)))
+        objective = ranked(OBJECTIVES[config.train_mode](config), ranks)
+        with RunReport(adapter_dir, config.model, callback, writes=ranks.writes,
+                       unit=objective.unit) as report:
+            return _train(config, objective, report, resume, data, base, stop, ranks)
 
 
 def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data,
-           base: tuple | None, stop) -> TrainResult:
+           base: tuple | None, stop, ranks: Ranks) -> TrainResult:
     adapter_dir = Path(config.adapter_path)
     if warning := slow_blas_warning():
         report.say(warning)
@@ -119,15 +137,19 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report)
+    trainee.ranks = ranks
     if general_set:
         trainee.general = general_probe(trainee.model, trainee.split, general_set, config)
     steps = total_steps(config, len(train_set))
     examples, prepared = _objective_prepare(trainee, config, examples, steps)
     train_set, valid_set = examples["train"], examples.get("valid", [])
-    optimizer = build_optimizer(config, steps)
-    position = _start_position(adapter_dir, trainee.model, optimizer, resume, report)
+    optimizer = optimizer_for(config, steps, trainee.model, ranks)
+    position = _start_position(adapter_dir, trainee.model, optimizer, resume, report, ranks)
     init_state(optimizer, trainee.model)
     report.start(to_dict(config), position)
+    for line in (ranks_line(config, ranks), state_line(config, optimizer, trainee.model, ranks)):
+        if line:
+            report.say(line)
     if objective.prepare:
         report.event({"event": "prepare", "step": position.step, "objective": objective.name,
                       "elapsed_s": round(prepared, 3)})
@@ -137,7 +159,7 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
     finished = fit(trainee, optimizer, config, train_set, valid_set, position, stop)
     loaded.model.eval()
     result = TrainResult(adapter_dir, position.step, finished, position.best_val_loss,
-                         position.best_step, loaded)
+                         position.best_step, loaded, ranks.rank)
     if finished:
         _finish(trainee, config, position, bool(valid_set))
         if config.test:
@@ -176,7 +198,8 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
              report: RunReport) -> tuple[Trainee, TrainConfig]:
     """Inject adapters, probe the model once, decide packing; the config as it really runs."""
     mx.random.seed(config.seed)
-    hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora, config.init)
+    hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora, config.init,
+                  adapter_variant=config.adapter_variant, adapter_size=config.adapter_size)
     targets = resolve_targets(model, config.fine_tune_type, config.targets)
     config = dataclasses.replace(config, targets=targets)  # recorded as what really happens
     started = time.perf_counter()
@@ -184,6 +207,11 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
                      config.train_embeddings)
     inject(model, spec)
     report.spec = spec
+    if spec.table.place is not None:  # the size as it really is, said and recorded
+        hyper = spec.hyper
+        config = dataclasses.replace(config, adapter_size=hyper.adapter_size)
+        report.say(f"adapter: {hyper.adapter_variant} bottleneck adapters, {hyper.hidden_size} -> "
+                   f"{hyper.adapter_size} -> {hyper.hidden_size}, around {len(spec.paths)} modules")
     if config.init == "pissa":
         report.say(f"pissa: lora_a, lora_b of {len(spec.paths)} layers from their weights' SVD "
                    f"(on the CPU) in {time.perf_counter() - started:.1f}s")
@@ -242,22 +270,25 @@ def _test(trainee: Trainee, config: TrainConfig, test_set: list) -> None:
     eval_step = make_eval_step(model, objective.make_loss(model, trainee.split, with_grad=False))
     model.eval()
     loss, stats = evaluate_split(objective, eval_step, test_set,
-                                 dataclasses.replace(config, val_batches=config.test_batches))
+                                 dataclasses.replace(config, val_batches=config.test_batches),
+                                 trainee.ranks)
     trainee.report.say(f"test loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.3f}"
                        if objective.unit == "tokens" else
                        f"test loss {loss:.4f}{stats_text(stats)}")
 
 
-def _start_position(adapter_dir: Path, model, optimizer, resume: bool,
-                    report: RunReport) -> Position:
+def _start_position(adapter_dir: Path, model, optimizer, resume: bool, report: RunReport,
+                    ranks: Ranks) -> Position:
+    """Where the run starts: a resume's newest checkpoint, read by rank 0 and handed to all."""
     if not resume:
         return Position()
-    checkpoints = list_checkpoints(adapter_dir)
-    if not checkpoints:
+    checkpoints = list_checkpoints(adapter_dir) if ranks.writes else []
+    saved = broadcast(ranks, read_checkpoint(checkpoints[-1]) if checkpoints else None)
+    if saved is None:
         report.say(f"no checkpoint in {adapter_dir}/checkpoints: starting from step 0")
         return Position()
-    position = load_checkpoint(checkpoints[-1], model, optimizer)
-    report.say(f"resuming from {checkpoints[-1]} (step {position.step})")
+    position = restore_checkpoint(saved, model, optimizer)
+    report.say(f"resuming from {saved['path']} (step {position.step})")
     return position
 
 

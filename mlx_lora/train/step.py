@@ -45,13 +45,13 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grads):
+        # Clipping and Adam in float32 (Adam's state is, see optim.init_state); each weight
+        # keeps its dtype, so a bfloat16 base trained in full stays bfloat16.
+        grads = tree_map(lambda g: g.astype(mx.float32), grads)
         if max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = global_norm(grads)
-        # Adam in float32 (its state is, see optim.init_state); each weight keeps its dtype,
-        # so a bfloat16 base trained in full stays bfloat16 (float32 adapters are unchanged).
-        grads = tree_map(lambda g: g.astype(mx.float32), grads)
         params = model.trainable_parameters()
         updated = optimizer.apply_gradients(grads, params)
         model.update(tree_map(lambda new, old: new.astype(old.dtype), updated, params))

@@ -8,21 +8,23 @@ import mlx.core as mx
 from mlx_lora.config import TrainConfig
 from mlx_lora.objectives.protocol import Objective
 from mlx_lora.train.checkpoint import Position
+from mlx_lora.train.distributed import SINGLE, Ranks
 from mlx_lora.train.progress import peak_memory_gb
 from mlx_lora.train.report import RunReport
 
 
-def evaluate_split(objective: Objective, eval_step, examples: list,
-                   config: TrainConfig) -> tuple[float, dict[str, float]]:
+def evaluate_split(objective: Objective, eval_step, examples: list, config: TrainConfig,
+                   ranks: Ranks = SINGLE) -> tuple[float, dict[str, float]]:
     """Mean loss and statistics per unit (target token, pair) over the split's evaluation
-    batches."""
+    batches (each rank's shares of them summed over the ranks)."""
     sum_loss, stat_sums, units = mx.array(0.0), {}, 0
     for batch in objective.eval_batches(examples, config):
         batch_loss, stats = eval_step(*objective.arrays(batch))
         sum_loss, units = sum_loss + batch_loss, units + objective.count(batch)
         stat_sums = {k: stat_sums.get(k, 0.0) + v for k, v in stats.items()}
         mx.eval(sum_loss, stat_sums)
-    n = max(units, 1)
+    sum_loss, stat_sums = ranks.sum((sum_loss, stat_sums))
+    n = max(ranks.total(units), 1)
     return sum_loss.item() / n, {k: v.item() / n for k, v in stat_sums.items()}
 
 
@@ -33,12 +35,12 @@ def stats_text(stats: dict[str, float]) -> str:
 
 def validate(model, objective: Objective, eval_step, config: TrainConfig, valid_set: list,
              position: Position, report: RunReport,
-             general: Callable[[], float] | None = None) -> float | None:
+             general: Callable[[], float] | None = None, ranks: Ranks = SINGLE) -> float | None:
     """Report the validation loss and the general-text loss (each when there is one); keep the
     best adapters; count evaluations without progress."""
     model.eval()
-    val_loss, stats = (evaluate_split(objective, eval_step, valid_set, config) if valid_set
-                       else (None, {}))
+    val_loss, stats = (evaluate_split(objective, eval_step, valid_set, config, ranks)
+                       if valid_set else (None, {}))
     general_loss = general() if general else None
     model.train()
     said = []
