@@ -46,9 +46,19 @@ class TrainConfig:
                                "values and feed-forward input, as PEFT's IA3; no rank), or full "
                                "(every weight of the last num-layers blocks trains; float bases "
                                "only), or adapter (bottleneck adapters, AdapterHub's: see "
-                               "--adapter-variant).",
-                               choices=("lora", "dora", "ia3", "full", "adapter"),
+                               "--adapter-variant), or prompt (prompt tuning: learned input "
+                               "embeddings before every sequence), or prefix (prefix tuning: "
+                               "learned keys and values before every sequence at each layer); "
+                               "prompt and prefix cannot be fused.",
+                               choices=("lora", "dora", "ia3", "full", "adapter", "prompt",
+                                        "prefix"),
                                aliases=("train_type",))
+    num_virtual_tokens: int = _opt(20, "Prompt and prefix tuning: the virtual tokens put "
+                                   "before every sequence.")
+    prompt_init_text: str = _opt(
+        "", "Prompt and prefix tuning: the virtual tokens start as this text's tokens, repeated "
+        "or cut to num-virtual-tokens (PEFT's TEXT init); empty = random tokens of the "
+        "vocabulary.")
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / rank (alpha / sqrt(rank) with rslora).")
     rslora: bool = _opt(False, "Rank-stabilized scale alpha / sqrt(rank).")
@@ -247,7 +257,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 def _check_ranges(config: TrainConfig, source: str) -> None:
     positive = ("rank", "batch_size", "grad_accumulation_steps", "group_size", "max_seq_length",
-                "steps_per_report", "save_every", "keep_checkpoints")
+                "steps_per_report", "save_every", "keep_checkpoints", "num_virtual_tokens")
     for key in positive:
         if getattr(config, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(config, key)}")

@@ -14,6 +14,7 @@ from mlx_lora.data.template import render
 from mlx_lora.data.tokenize import Example, target_tokens, to_examples
 from mlx_lora.errors import UserError
 from mlx_lora.model.load import LoadedModel
+from mlx_lora.model.prefix_cache import generation_cache
 from mlx_lora.model.probe import probe_model
 from mlx_lora.objectives.sft import SFT
 from mlx_lora.train.step import make_eval_step
@@ -82,7 +83,9 @@ def generation_task(record: Record, tokenizer) -> tuple[list[int], list[int]] | 
 def greedy(model: nn.Module, tokenizer, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy continuation of `prompt`, up to an end-of-sequence token or max_tokens."""
     out = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+    cache = generation_cache(model)  # holding the virtual tokens (prompt, prefix), if any
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                  prompt_cache=cache):
         if int(token) in tokenizer.eos_token_ids:
             break
         out.append(int(token))

@@ -16,14 +16,12 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import adapter_layers
 from mlx_lora.adapters.lora import dequantized_weight
 from mlx_lora.config import FuseConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
-from mlx_lora.formats.convert import adapter_format, load_any_adapter
-from mlx_lora.formats.mlx_lm_adapter import read_adapter_config
+from mlx_lora.formats.convert import adapter_method, load_any_adapter
 from mlx_lora.formats.model_dir import check_save_path, remove_stale_partials, write_model_dir
 from mlx_lora.formats.output_dir import exclusive
 from mlx_lora.model.adapted import load_base_for
@@ -205,13 +203,13 @@ def fuse(model: str, adapter_path: str, save_path: str = FUSE.save_path, *,
 
 def check_fusable(adapter_path: Path) -> None:
     """Refuse, before anything loads, an adapter that no plain model can hold."""
-    if adapter_format(adapter_path) != "mlx-lm":
-        return  # PEFT's methods (LoRA, IA3) all fold
-    method = METHODS.get(read_adapter_config(adapter_path).get("fine_tune_type", "lora"))
+    method = adapter_method(adapter_path)
     if method is not None and not method.fusable:
-        raise UserError(f"{adapter_path}: {method.name} adds a nonlinear function of the hidden "
-                        "states, which no weight of the base can hold, so it cannot be fused; "
-                        "use it as it is (mlx-lora generate, eval or serve)")
+        what = ("puts virtual tokens before every sequence" if method.virtual else
+                "adds a nonlinear function of the hidden states")
+        raise UserError(f"{adapter_path}: {method.name} {what}, which no weight of the base can "
+                        "hold, so it cannot be fused; use it as it is (mlx-lora generate, eval "
+                        "or serve)")
 
 
 def _fuse(model: str, adapter_path: str, save_path: Path, dequantize: bool, quantize: int,

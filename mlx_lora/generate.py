@@ -5,6 +5,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_lora.config import GenerateConfig
 from mlx_lora.model.load import LoadedModel
+from mlx_lora.model.prefix_cache import generation_cache
 
 GENERATE = GenerateConfig()
 
@@ -21,5 +22,7 @@ def complete(loaded: LoadedModel, prompt: str, max_tokens: int = GENERATE.max_to
              temperature: float = GENERATE.temp, chat: bool = GENERATE.chat) -> str:
     """Generate a completion of `prompt` (greedy at temperature 0)."""
     text = format_prompt(loaded.tokenizer, prompt, chat)
+    # Virtual tokens (prompt, prefix) go in as a prompt cache that already holds them.
     return mlx_lm_generate(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens,
-                           sampler=make_sampler(temp=temperature), verbose=False)
+                           sampler=make_sampler(temp=temperature), verbose=False,
+                           prompt_cache=generation_cache(loaded.model))

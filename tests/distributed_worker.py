@@ -1,8 +1,8 @@
 """One process of a test's multi-process run: mlx-lora's CLI under an audit hook (PEP 578)
 that records every path this process opens for writing, creates, renames, changes or removes.
 
-Its last line on stderr is `RANK <rank> EXIT <status> WROTE <JSON list of paths>`, written
-with os.write so that no redirection of sys.stderr hides it.
+Its last line on stderr is `RANK <rank> EXIT <status> {"wrote": [paths], "removed": [paths]}`,
+written with os.write so that no redirection of sys.stderr hides it.
 """
 
 import json
@@ -12,9 +12,11 @@ import traceback
 
 WRITE_MODES = set("wax+")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-CHANGES = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.truncate",
-           "os.link", "os.symlink", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
+CHANGES = {"os.rename", "os.mkdir", "os.chmod", "os.truncate", "os.link", "os.symlink",
+           "shutil.copyfile", "shutil.move"}
+REMOVALS = {"os.remove", "os.rmdir", "shutil.rmtree"}
 WROTE: list[str] = []
+REMOVED: list[str] = []
 
 
 def audit(event: str, args: tuple) -> None:
@@ -24,8 +26,8 @@ def audit(event: str, args: tuple) -> None:
             isinstance(flags, int) and flags & WRITE_FLAGS)
         if writes and isinstance(path, (str, bytes, os.PathLike)):
             WROTE.append(os.fsdecode(path))
-    elif event in CHANGES and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        WROTE.append(os.fsdecode(args[0]))
+    elif event in CHANGES | REMOVALS and isinstance(args[0], (str, bytes, os.PathLike)):
+        (REMOVED if event in REMOVALS else WROTE).append(os.fsdecode(args[0]))
 
 
 def main() -> int:
@@ -41,7 +43,8 @@ def main() -> int:
         traceback.print_exc()
         status = 1
     rank = os.environ.get("MLX_RANK", "0")
-    os.write(2, f"\nRANK {rank} EXIT {status} WROTE {json.dumps(WROTE)}\n".encode())
+    paths = json.dumps({"wrote": WROTE, "removed": REMOVED})
+    os.write(2, f"\nRANK {rank} EXIT {status} {paths}\n".encode())
     return status
 
 

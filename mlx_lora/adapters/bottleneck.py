@@ -79,8 +79,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def wrapped_modules(model: nn.Module, hyper: Hyper, num_layers: int) -> tuple[list[str], Hyper]:
-    """Paths of the blocks (pfeiffer) or sublayers (houlsby) of the last num_layers blocks (-1:
-    all) to wrap, and `hyper` with the model's hidden size and the adapter size filled in."""
+    """The modules to wrap in the last num_layers blocks (-1: all), and hyper's widths set."""
     width = hidden_size(model)
     if hyper.hidden_size and hyper.hidden_size != width:
         raise UserError(f"the adapters read and write width {hyper.hidden_size} but this model's "

@@ -7,6 +7,7 @@ import mlx.nn as nn
 from mlx_lora import __version__
 from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import AdapterSpec
+from mlx_lora.adapters.protocol import Method
 from mlx_lora.config import ExportConfig
 from mlx_lora.console import status
 from mlx_lora.errors import UserError
@@ -31,6 +32,15 @@ def adapter_format(adapter_dir: Path) -> str:
         f"{path}: not an adapter directory; expected adapter_config.json with "
         f"{mlx_lm_adapter.WEIGHTS_FILE} (mlx-lm) or {peft_adapter.WEIGHTS_FILE} (PEFT)"
     )
+
+
+def adapter_method(adapter_dir: Path) -> Method | None:
+    """The method an adapter directory of either format holds (None: one mlx-lora lacks)."""
+    peft = adapter_format(adapter_dir) == "peft"
+    config = mlx_lm_adapter.read_adapter_config(adapter_dir)  # PEFT's file has the same name
+    if peft:
+        return peft_adapter.peft_method(config)
+    return METHODS.get(config.get("fine_tune_type", "lora"))
 
 
 def load_any_adapter(model: nn.Module, adapter_dir: Path) -> AdapterSpec:

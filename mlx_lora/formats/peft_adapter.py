@@ -177,6 +177,12 @@ def save_peft(peft_dir: Path, weights: dict[str, mx.array], method: Method,
     write_json_atomic(peft_dir / CONFIG_FILE, config)
 
 
+def peft_method(config: dict) -> Method | None:
+    """Our method for a PEFT adapter config (None: one mlx-lora does not import)."""
+    return next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")
+                 and all(bool(config.get(k)) == v for k, v in m.peft_config.items())), None)
+
+
 def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
     """A PEFT directory's config, method and weights under our names, validated."""
     peft_dir = Path(peft_dir)
@@ -187,10 +193,9 @@ def read_peft(peft_dir: Path) -> tuple[dict, Method, dict[str, mx.array]]:
         raise UserError(f"{config_path}: cannot read PEFT's adapter config ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    method = next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")
-                   and all(bool(config.get(k)) == v for k, v in m.peft_config.items())), None)
+    method = peft_method(config)
     if method is None:
-        known = ", ".join(sorted({m.peft_type for m in METHODS.values()}))
+        known = ", ".join(sorted({m.peft_type for m in METHODS.values() if m.peft_type}))
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}; "
                         f"mlx-lora imports {known} adapters")
     for key, what in UNSUPPORTED.items():

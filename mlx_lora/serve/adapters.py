@@ -1,4 +1,9 @@
-"""One base in memory and any number of adapters over it; switching is a swap of module pointers."""
+"""One base in memory and any number of adapters over it; switching is a swap of module pointers.
+
+Virtual tokens (prompt and prefix tuning) have no layer to swap: each such adapter's keys and
+values are computed once, on the base, and every request for it starts from a prompt cache
+that already holds them (model/prefix_cache.py).
+"""
 
 import re
 from dataclasses import dataclass, field
@@ -16,6 +21,7 @@ from mlx_lora.formats.convert import adapter_format
 from mlx_lora.formats.run_config import trained_quantization
 from mlx_lora.model.adapted import adapt_for_inference
 from mlx_lora.model.load import LoadedModel, load_base
+from mlx_lora.model.prefix_cache import KEY, filled_cache
 
 BASE_ALIAS = "base"  # a model name that always means the base alone
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
@@ -29,6 +35,8 @@ class AdapterSet:
     loaded: LoadedModel
     base_name: str  # the --model string, listed by /v1/models
     layers: dict[str, list[tuple[str, nn.Module]]]  # adapter name -> (module path, layer)
+    # adapter name -> each layer's keys and values of its virtual tokens (prompt, prefix)
+    prefixes: dict[str, list[tuple[mx.array, mx.array]]] = field(default_factory=dict)
     active: str | None = None
     switches: int = 0
     # name -> (its layers, the base layers they wrap) as update_modules trees, built once:
@@ -79,8 +87,12 @@ def load_adapter_set(model: str, adapters: dict[str, str],
     loaded = load_base(model, quantize=bits, group_size=group_size,
                        trust_remote_code=trust_remote_code)
     loaded.model.eval()
-    layers = {name: _load_layers(loaded, name, d) for name, d in adapters.items()}
-    return AdapterSet(loaded, model, layers)
+    layers, prefixes = {}, {}
+    for name, directory in adapters.items():
+        layers[name] = _load_layers(loaded, name, directory)
+        if (prefix := _take_prefix(loaded.model)) is not None:
+            prefixes[name] = prefix
+    return AdapterSet(loaded, model, layers, prefixes)
 
 
 def _load_layers(loaded: LoadedModel, name: str, directory: str) -> list[tuple[str, nn.Module]]:
@@ -94,7 +106,7 @@ def _load_layers(loaded: LoadedModel, name: str, directory: str) -> list[tuple[s
     # evaluated by the worker thread, which has no stream of this thread to run it on.
     mx.eval(loaded.model.parameters())
     layers = adapter_layers(loaded.model)
-    inside = tuple(path + "." for path, _ in layers)
+    inside = tuple(path + "." for path, _ in layers) + (KEY + ".",)  # virtual: _take_prefix
     in_place = [key for key, _ in tree_flatten(loaded.model.trainable_parameters())
                 if not key.startswith(inside)]
     if in_place:  # e.g. a full fine-tune: it overwrote the base every other name shares
@@ -104,6 +116,17 @@ def _load_layers(loaded: LoadedModel, name: str, directory: str) -> list[tuple[s
     if layers:
         loaded.model.update_modules(tree_unflatten([(p, wrapped(layer)) for p, layer in layers]))
     return layers
+
+
+def _take_prefix(model: nn.Module) -> list[tuple[mx.array, mx.array]] | None:
+    """The keys and values of the virtual tokens just loaded (None: none), computed now on the
+    base alone, and the module that holds them taken out of the model."""
+    if model.get(KEY) is None:
+        return None
+    keys_values = model[KEY].keys_values(model)
+    mx.eval(keys_values)
+    del model[KEY]
+    return keys_values
 
 
 def _shared_quantization(adapters: dict[str, str]) -> tuple[int, int] | None:
@@ -139,6 +162,12 @@ def switch_to(adapters: AdapterSet, name: str | None) -> None:
     adapters.switches += 1
 
 
+def request_cache(adapters: AdapterSet, name: str | None) -> list | None:
+    """A new prompt cache holding `name`'s virtual tokens (None: it has none)."""
+    prefix = adapters.prefixes.get(name)
+    return None if prefix is None else filled_cache(adapters.loaded.model, prefix)
+
+
 def adapter_nbytes(adapters: AdapterSet) -> dict[str, int]:
     """Bytes of each adapter's own tensors (the shared base layers not counted)."""
     sizes = {}
@@ -146,4 +175,5 @@ def adapter_nbytes(adapters: AdapterSet) -> dict[str, int]:
         sizes[name] = sum(v.nbytes for _, layer in layers
                           for key, v in tree_flatten(layer.parameters())
                           if not key.startswith(("linear.", "base.")))
+        sizes[name] += sum(k.nbytes + v.nbytes for k, v in adapters.prefixes.get(name, []))
     return sizes

@@ -10,7 +10,7 @@ from mlx_lm import stream_generate
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_lora.serve.adapters import AdapterSet, switch_to
+from mlx_lora.serve.adapters import AdapterSet, request_cache, switch_to
 from mlx_lora.serve.requests import Completion
 
 
@@ -139,7 +139,8 @@ def _responses(adapters: AdapterSet, request: Completion) -> Iterator:
     loaded = adapters.loaded
     return stream_generate(loaded.model, loaded.tokenizer, request.prompt,
                            max_tokens=request.max_tokens,
-                           sampler=make_sampler(temp=request.temp, top_p=request.top_p))
+                           sampler=make_sampler(temp=request.temp, top_p=request.top_p),
+                           prompt_cache=request_cache(adapters, request.adapter))
 
 
 def _advance(item: _Running, response) -> bool:

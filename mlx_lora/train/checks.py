@@ -21,7 +21,7 @@ RESUME_KEYS = ("model", "data", "train_mode", "fine_tune_type", "rank", "alpha",
                "batch_size", "grad_accumulation_steps", "seed", "prompt_feature",
                "completion_feature", "text_feature", "chat_feature", "valid_fraction",
                "dataset_config", "train_split", "valid_split", "test_split",
-               "adapter_variant", "adapter_size")
+               "adapter_variant", "adapter_size", "num_virtual_tokens", "prompt_init_text")
 # Settings whose empty value means the method's default, which a run resolves and records.
 RESOLVED = ("targets", "adapter_size")
 PROBE_ANSWER = "mlx-lora-probe-answer"
@@ -62,6 +62,7 @@ def check_method(config: TrainConfig) -> None:
     """Refuse settings the method cannot honor, before any weights load."""
     method = config.fine_tune_type
     table = METHODS[method]
+    _check_virtual(config, method, table.virtual is not None)
     if table.place is None and (config.adapter_size or
                                 config.adapter_variant != DEFAULTS.adapter_variant):
         raise UserError("--adapter-size and --adapter-variant shape bottleneck adapters; use "
@@ -90,6 +91,22 @@ def check_method(config: TrainConfig) -> None:
     if config.lora_plus_ratio:
         raise UserError(f"--lora-plus-ratio speeds up lora_b, which {method} does not have; "
                         "drop it")
+
+
+def _check_virtual(config: TrainConfig, method: str, virtual: bool) -> None:
+    """Refuse what prompt and prefix tuning cannot honor, and their settings elsewhere."""
+    if not virtual:
+        if config.prompt_init_text:
+            raise UserError("--prompt-init-text sets how virtual tokens start; use it with "
+                            "--fine-tune-type prompt or prefix")
+        return
+    if config.targets or config.num_layers != -1:
+        raise UserError(f"--targets and --num-layers pick layers to adapt; {method} tuning puts "
+                        "its virtual tokens before the input of every layer: drop them")
+    if config.grad_checkpoint:
+        # mx.checkpoint passes no gradient to arrays a block reads from its cache argument.
+        raise UserError(f"--grad-checkpoint would drop the gradient of {method} tuning's virtual "
+                        "tokens (they reach each block through its cache); drop it")
 
 
 def check_template(tokenizer, records: list[Record], model: str) -> None:

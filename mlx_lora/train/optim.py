@@ -83,8 +83,15 @@ def state_line(config: TrainConfig, optimizer, model: nn.Module, ranks: Ranks) -
         where += f", sharded over {ranks.size}"
     alone = "; --shard-optimizer: no other process to share it with" if (
         config.shard_optimizer and ranks.size == 1) else ""
-    return (f"optimizer state: {state_bytes(optimizer) / 2**20:.3f} MiB{where} "
-            f"({config.optimizer}; unsharded 32-bit Adam: {8 * elements / 2**20:.3f} MiB{alone})")
+    return (f"optimizer state: {_size(state_bytes(optimizer))}{where} ({config.optimizer}; "
+            f"unsharded 32-bit Adam: {_size(8 * elements)}{alone})")
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
 
 
 def init_state(optimizer: optim.Optimizer, model: nn.Module) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lora.adapters import METHODS
 from mlx_lora.adapters.inject import (
     adapted_blocks,
     inject,
@@ -41,6 +42,7 @@ from mlx_lora.model.load import (
     load_tokenizer_only,
     vocab_rows,
 )
+from mlx_lora.model.prefix_cache import init_ids
 from mlx_lora.model.probe import probe_model
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
@@ -136,7 +138,8 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
     for line in warnings(config, tokenizer, records, context):
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
-    trainee, config = _prepare(loaded.model, objective, config, train_set, report)
+    trainee, config = _prepare(loaded.model, objective, config, train_set, report,
+                               loaded.tokenizer)
     trainee.ranks = ranks
     if general_set:
         trainee.general = general_probe(trainee.model, trainee.split, general_set, config)
@@ -195,11 +198,12 @@ def _general_set(config: TrainConfig, general, tokenizer, report: RunReport) -> 
 
 
 def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
-             report: RunReport) -> tuple[Trainee, TrainConfig]:
+             report: RunReport, tokenizer) -> tuple[Trainee, TrainConfig]:
     """Inject adapters, probe the model once, decide packing; the config as it really runs."""
     mx.random.seed(config.seed)
     hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora, config.init,
-                  adapter_variant=config.adapter_variant, adapter_size=config.adapter_size)
+                  adapter_variant=config.adapter_variant, adapter_size=config.adapter_size,
+                  **_virtual_hyper(config, tokenizer))
     targets = resolve_targets(model, config.fine_tune_type, config.targets)
     config = dataclasses.replace(config, targets=targets)  # recorded as what really happens
     started = time.perf_counter()
@@ -221,7 +225,11 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     probe = probe_model(model, packing=config.pack)
     if note := probe.loss_note():
         report.say(note)
-    if objective.packable:
+    if spec.table.virtual is not None:
+        # A row has one set of virtual tokens at its start, and one RoPE offset for all of it.
+        pack, line = False, (f"packing: off ({spec.method} tuning puts its virtual tokens "
+                             "before each row, not before each sequence packed into one)")
+    elif objective.packable:
         pack, line = decide_packing(config.pack, probe.packing_problem, positions(train_set),
                                     config.batch_size, config.max_seq_length, config.seed)
     else:
@@ -232,11 +240,23 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
     trainable, total = parameter_counts(model)
     what = "adapted layers" if spec.table.own_weights is None else "trained modules"
+    where = (f"{spec.hyper.virtual_tokens} virtual tokens" if spec.table.virtual else
+             f"{len(spec.paths)} {what}")
     report.say(f"trainable parameters: {trainable:,} of {total:,} "
-               f"({100 * trainable / total:.3f}%) in {len(spec.paths)} {what}")
+               f"({100 * trainable / total:.3f}%) in {where}")
     # Only a token loss has a uniform-output value (ln vocabulary) to recognize divergence by.
     vocab = vocab_rows(model) if objective.unit == "tokens" else None
     return Trainee(model, objective, probe.split, pack, report, vocab), config
+
+
+def _virtual_hyper(config: TrainConfig, tokenizer) -> dict:
+    """Prompt and prefix tuning's Hyper fields: how many virtual tokens, and the tokens they
+    start as (--prompt-init-text's; none: random ones)."""
+    if METHODS[config.fine_tune_type].virtual is None:
+        return {}
+    text, count = config.prompt_init_text, config.num_virtual_tokens
+    return {"virtual_tokens": count,
+            "init_ids": init_ids(tokenizer, text, count) if text else ()}
 
 
 def _objective_prepare(trainee: Trainee, config: TrainConfig, examples: dict,
