@@ -194,6 +194,20 @@ def test_sharded_optimizer_trains_as_one_process(sharded, reference):
     assert second["output"] == "" and second["wrote"] == []  # only rank 0 prints and writes
 
 
+def test_full_fine_tune_sharded_trains_as_one_process(tiny_llama, data, tmp_path):
+    settings = dict(fine_tune_type="full", learning_rate=1e-3, iters=4, steps_per_eval=2,
+                    save_every=2)
+    alone = tmp_path / "alone"
+    train(TrainConfig(model=str(tiny_llama), data=str(data), adapter_path=str(alone),
+                      **{**SETTINGS, **settings}))
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    first, second = finish(start(flags(tiny_llama, data, out, shard_optimizer=True,
+                                       **settings), logs), logs)
+    assert first["status"] == second["status"] == 0, (first, second)
+    assert_same_run(out, alone)
+    assert "per rank, sharded over 2" in first["output"]
+
+
 def truncate_to(out: Path, step: int) -> None:
     """As if the run had been killed right after its checkpoint of `step`."""
     for checkpoint in list_checkpoints(out):

@@ -142,11 +142,15 @@ def test_exported_adapter_gives_our_logits_in_peft(base_dir, method, tmp_path):
     assert np.abs(expected - base).max() > 0.05  # the virtual tokens do something
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "prefix+projection"])
 def test_peft_adapter_loads_here_and_imports_with_its_logits(base_dir, method, tmp_path):
     torch, peft = require("torch"), require("peft")
-    config = (peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig)(
-        task_type="CAUSAL_LM", num_virtual_tokens=6)
+    if method == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    else:  # with projection, PEFT trains an MLP and saves its output: the keys and values
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
+                                         prefix_projection=method.endswith("projection"))
+        method = "prefix"
     torch.manual_seed(0)  # PEFT's own random init: N(0, 1) embeddings, keys and values
     model = peft.get_peft_model(hf_model(base_dir), config)
     model.save_pretrained(tmp_path / "peft")
