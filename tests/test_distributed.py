@@ -88,8 +88,10 @@ def free_ports(n: int) -> list[int]:
     raise RuntimeError("no free ports")
 
 
-def start(args: list[str], logs: Path, ranks: int = 2) -> list[subprocess.Popen]:
-    """The worker on `ranks` processes of MLX's ring backend, each logging to logs/rank-N."""
+def start(args: list[str], logs: Path, ranks: int = 2,
+          cwds: list[Path] | None = None) -> list[subprocess.Popen]:
+    """The worker on `ranks` processes of MLX's ring backend, each logging to logs/rank-N
+    (and working in cwds[N], as if on machines of its own)."""
     logs.mkdir(parents=True, exist_ok=True)
     hostfile = logs / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
@@ -99,7 +101,8 @@ def start(args: list[str], logs: Path, ranks: int = 2) -> list[subprocess.Popen]
         with open(logs / f"rank-{rank}", "w") as log:
             processes.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
                                               stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT))
+                                              stderr=subprocess.STDOUT,
+                                              cwd=cwds[rank] if cwds else None))
     return processes
 
 
@@ -293,6 +296,19 @@ def test_a_rank_that_dies_ends_the_other(tiny_llama, data, tmp_path):
     assert results[0]["status"] == 2 and "holds files mlx-lora did not write" in results[0][
         "output"]
     assert results[1]["status"] != 0 and results[1]["wrote"] == []
+
+
+def test_a_rank_with_other_data_refuses_to_train(tiny_llama, data, tmp_path):
+    machines = [tmp_path / "first", tmp_path / "second"]
+    for machine, rows in zip(machines, (ROWS[:33], ROWS[1:34]), strict=True):
+        shutil.copytree(data, machine / "data")  # each machine's own copy of --data ...
+        (machine / "data" / "train.jsonl").write_text(  # ... the second's one record off
+            "".join(json.dumps(r) + "\n" for r in rows))
+    args = flags(tiny_llama, "data", "out")
+    results = finish(start(args, tmp_path / "logs", cwds=machines), tmp_path / "logs")
+    assert [r["status"] for r in results] == [2, 2], results
+    assert "rank 1 read other data or another model than rank 0" in results[0]["output"]
+    assert not (machines[0] / "out" / "adapters.safetensors").exists()
 
 
 def test_divergence_stops_every_rank_at_the_same_step(tiny_llama, data, tmp_path):

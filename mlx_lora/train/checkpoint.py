@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lora.errors import UserError
 from mlx_lora.formats.atomic import save_safetensors_atomic, write_json_atomic
 from mlx_lora.formats.mlx_lm_adapter import WEIGHTS_FILE, read_tensors, set_adapter_weights
+from mlx_lora.train.distributed import Ranks, broadcast
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.safetensors"
@@ -97,6 +98,18 @@ def read_checkpoint(path: Path) -> dict:
             f"{path}: cannot read checkpoint ({e}); delete it to use an older one"
         ) from None
     return {"path": str(path), "position": position, "adapters": adapters, "optimizer": state}
+
+
+def resume_position(adapter_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
+                    ranks: Ranks) -> tuple[Position, str]:
+    """Where a resumed run starts, restored: the newest checkpoint, read by rank 0 and handed
+    to every rank (train.distributed); and the line that says so."""
+    checkpoints = list_checkpoints(adapter_dir) if ranks.writes else []
+    saved = broadcast(ranks, read_checkpoint(checkpoints[-1]) if checkpoints else None)
+    if saved is None:
+        return Position(), f"no checkpoint in {adapter_dir}/{CHECKPOINTS}: starting from step 0"
+    position = restore_checkpoint(saved, model, optimizer)
+    return position, f"resuming from {saved['path']} (step {position.step})"
 
 
 def restore_checkpoint(saved: dict, model: nn.Module, optimizer: optim.Optimizer) -> Position:

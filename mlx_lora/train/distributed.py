@@ -11,6 +11,7 @@ process started alone is rank 0 of 1, and then every function here gives its inp
 """
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -18,9 +19,10 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.data.stream import Part, Standin
+from mlx_lora.errors import UserError
 from mlx_lora.objectives.protocol import Objective
 
 BUCKET_BYTES = 64 * 2**20  # arrays joined into one all_sum: fewer, larger messages go faster
@@ -89,6 +91,41 @@ def ranks_line(config, ranks: Ranks) -> str | None:
         return None
     return (f"data parallel over {ranks.size} processes: each reads its share of every batch "
             f"of {config.batch_size}, gradients summed over them before each update")
+
+
+def check_same_inputs(ranks: Ranks, examples: dict, model) -> None:
+    """Refuse to train when a rank tokenized other data, or loaded a model of other shapes,
+    than rank 0 (each machine reads its own copy of --data and --model)."""
+    if ranks.size == 1:
+        return
+    digest = hashlib.sha256()
+    _feed(digest, examples)
+    _feed(digest, [(name, value.shape, str(value.dtype))
+                   for name, value in tree_flatten(model.parameters())])
+    mine = mx.array(np.frombuffer(digest.digest()[:16], np.int32))
+    every = np.array(ranks.gather(mine)).reshape(ranks.size, -1)
+    if others := [rank for rank in range(ranks.size) if (every[rank] != every[0]).any()]:
+        raise UserError(
+            f"rank {', '.join(map(str, others))} read other data or another model than rank 0 "
+            "(the same --data and --model, tokenized alike, must be on every machine); copy "
+            "rank 0's to the others")
+
+
+def _feed(digest, value) -> None:
+    """Add a value (arrays, dataclasses, sequences, dicts, plain values) to a hash."""
+    if isinstance(value, np.ndarray):
+        digest.update(str((value.dtype, value.shape)).encode() + value.tobytes())
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            _feed(digest, getattr(value, field.name))
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, dict):
+        _feed(digest, sorted(value.items(), key=lambda item: str(item[0])))
+    else:
+        digest.update(repr(value).encode())
 
 
 def _buckets(leaves: list[mx.array]) -> list[list[int]]:

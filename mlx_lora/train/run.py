@@ -46,13 +46,7 @@ from mlx_lora.model.prefix_cache import init_ids
 from mlx_lora.model.probe import probe_model
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
-from mlx_lora.train.checkpoint import (
-    CHECKPOINTS,
-    Position,
-    list_checkpoints,
-    read_checkpoint,
-    restore_checkpoint,
-)
+from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, resume_position
 from mlx_lora.train.checks import (
     check_method,
     check_ranks,
@@ -61,7 +55,14 @@ from mlx_lora.train.checks import (
     warnings,
     with_run_defaults,
 )
-from mlx_lora.train.distributed import Ranks, broadcast, join_ranks, ranked, ranks_line
+from mlx_lora.train.distributed import (
+    Ranks,
+    broadcast,
+    check_same_inputs,
+    join_ranks,
+    ranked,
+    ranks_line,
+)
 from mlx_lora.train.loop import Trainee, fit, total_steps
 from mlx_lora.train.optim import init_state, optimizer_for, state_line
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
@@ -141,16 +142,19 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
     trainee, config = _prepare(loaded.model, objective, config, train_set, report,
                                loaded.tokenizer)
     trainee.ranks = ranks
+    check_same_inputs(ranks, examples, trainee.model)
     if general_set:
         trainee.general = general_probe(trainee.model, trainee.split, general_set, config)
     steps = total_steps(config, len(train_set))
     examples, prepared = _objective_prepare(trainee, config, examples, steps)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     optimizer = optimizer_for(config, steps, trainee.model, ranks)
-    position = _start_position(adapter_dir, trainee.model, optimizer, resume, report, ranks)
+    position, resumed = (resume_position(adapter_dir, trainee.model, optimizer, ranks)
+                         if resume else (Position(), None))
     init_state(optimizer, trainee.model)
     report.start(to_dict(config), position)
-    for line in (ranks_line(config, ranks), state_line(config, optimizer, trainee.model, ranks)):
+    for line in (resumed, ranks_line(config, ranks),
+                 state_line(config, optimizer, trainee.model, ranks)):
         if line:
             report.say(line)
     if objective.prepare:
@@ -295,21 +299,6 @@ def _test(trainee: Trainee, config: TrainConfig, test_set: list) -> None:
     trainee.report.say(f"test loss {loss:.4f}, perplexity {math.exp(min(loss, 700)):.3f}"
                        if objective.unit == "tokens" else
                        f"test loss {loss:.4f}{stats_text(stats)}")
-
-
-def _start_position(adapter_dir: Path, model, optimizer, resume: bool, report: RunReport,
-                    ranks: Ranks) -> Position:
-    """Where the run starts: a resume's newest checkpoint, read by rank 0 and handed to all."""
-    if not resume:
-        return Position()
-    checkpoints = list_checkpoints(adapter_dir) if ranks.writes else []
-    saved = broadcast(ranks, read_checkpoint(checkpoints[-1]) if checkpoints else None)
-    if saved is None:
-        report.say(f"no checkpoint in {adapter_dir}/checkpoints: starting from step 0")
-        return Position()
-    position = restore_checkpoint(saved, model, optimizer)
-    report.say(f"resuming from {saved['path']} (step {position.step})")
-    return position
 
 
 def interrupted_message(result: TrainResult) -> str:
