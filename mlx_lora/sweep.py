@@ -22,7 +22,7 @@ from mlx_lora.formats.atomic import write_json_atomic, write_text_atomic
 from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.formats.output_dir import check_writable, exclusive, foreign_entries
 from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings
-from mlx_lora.train.checks import with_run_targets
+from mlx_lora.train.checks import with_run_defaults
 
 TABLE_FILE, JSON_FILE, BEST_FILE = "sweep.md", "sweep.json", "best.yaml"
 MARKER = ".mlx-lora-sweep"
@@ -163,7 +163,7 @@ def _state(run_dir: Path) -> str:
 
 def _check_same_settings(run_dir: Path, config: TrainConfig) -> None:
     """Refuse a run directory whose run had other settings: one table must not mix them."""
-    now = to_dict(with_run_targets(run_dir, config))  # unset targets: as that run resolved them
+    now = to_dict(with_run_defaults(run_dir, config))  # unset targets: as that run resolved them
     changed = changed_settings(run_dir, now, [key for key in now if key not in RUN_DECIDES])
     if changed:
         raise UserError(f"{run_dir}: holds a run with other settings ({'; '.join(changed)}); "
