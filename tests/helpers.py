@@ -1,5 +1,6 @@
 """Helpers several test modules share (tests/ is on sys.path under pytest)."""
 
+import json
 import threading
 from pathlib import Path
 
@@ -14,6 +15,19 @@ from mlx_lora.adapters.lora import LoRALinear
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.model.load import load_base
+
+
+def addition_rows(a_values: int, b_values: int) -> list[dict]:
+    """The tests' small task: "Add a and b." -> "a + b", for a < a_values and b < b_values."""
+    return [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(a_values)
+            for b in range(b_values)]
+
+
+def write_splits(root: Path, splits: dict[str, list[dict]]) -> Path:
+    """One JSONL file per split in `root` (train.jsonl, valid.jsonl, ...); returns `root`."""
+    for split, rows in splits.items():
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
 
 
 def randomize_lora_b(model, seed: int = 1, std: float = 0.05) -> None:

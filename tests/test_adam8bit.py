@@ -1,12 +1,11 @@
 """8-bit Adam: the code, block-wise quantization, the update against 32-bit AdamW, resume."""
 
-import json
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from helpers import assert_resume_equals_uninterrupted
+from helpers import addition_rows, assert_resume_equals_uninterrupted, write_splits
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.config import TrainConfig
@@ -24,16 +23,12 @@ from mlx_lora.train.adam8bit import (
 from mlx_lora.train.optim import build_optimizer, state_bytes
 from mlx_lora.train.run import train
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", ROWS[:36]), ("valid", ROWS[36:])):
-        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -9,7 +9,12 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
-from helpers import assert_resume_equals_uninterrupted, move_trainable, randomize_lora_b
+from helpers import (
+    addition_rows,
+    assert_resume_equals_uninterrupted,
+    move_trainable,
+    randomize_lora_b,
+)
 from mlx.utils import tree_flatten
 from test_peft import hf_model, require
 
@@ -35,8 +40,7 @@ from mlx_lora.model.prefix_cache import prefix_cache
 
 BASES = {"float": 0, "4-bit": 4}
 TOKENS = mx.array([[1, 5, 9, 33, 70, 2, 8, 100, 41, 7]])
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 
 
 @dataclass(frozen=True)

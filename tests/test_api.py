@@ -10,14 +10,14 @@ import mlx_lm
 import numpy as np
 import pytest
 import yaml
+from helpers import addition_rows
 
 import mlx_lora
 from mlx_lora import Finetune, UserError
 from mlx_lora.formats.metrics import read_metrics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 SPLITS = {"train": ROWS[:36], "valid": ROWS[36:], "test": ROWS[36:]}
 SETTINGS = dict(iters=8, batch_size=4, learning_rate=5e-3, steps_per_report=1, steps_per_eval=4,
                 save_every=2, mask_prompt=True, dropout=0.1, lr_schedule="cosine", warmup=2)

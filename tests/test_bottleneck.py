@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import make_adapter
+from helpers import addition_rows, make_adapter, write_splits
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_lora import Finetune
@@ -30,8 +30,7 @@ from mlx_lora.model.adapted import load_adapted
 from mlx_lora.model.load import load_base
 from mlx_lora.serve import start_server
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 IDS = mx.array([[1, 5, 9, 33, 70, 2, 8, 100, 41, 7]])
 ACTIVATION = {"pfeiffer": lambda v: mx.maximum(v, 0), "houlsby": lambda v: v * mx.sigmoid(v)}
 
@@ -115,10 +114,8 @@ def test_a_half_precision_base_keeps_its_dtype(tiny_llama):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bottleneck_data")
-    for split, rows in (("train", ROWS[:20]), ("valid", ROWS[20:])):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return write_splits(tmp_path_factory.mktemp("bottleneck_data"),
+                        {"train": ROWS[:20], "valid": ROWS[20:]})
 
 
 def val_losses(out) -> list[float]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import addition_rows, write_splits
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.data.stream import Part, Standin, training_batches
@@ -36,8 +37,7 @@ TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "distributed_worker.py"
 # 33 records in batches of 8: every epoch ends with a one-record batch, which leaves the
 # second rank a stand-in; 9 validation records: an evaluation batch of one, likewise.
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 SETTINGS = dict(iters=6, batch_size=8, learning_rate=5e-3, steps_per_report=1,
                 steps_per_eval=3, save_every=3, lr_schedule="cosine", warmup=2,
                 mask_prompt=True)
@@ -47,10 +47,7 @@ UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", ROWS[:33]), ("valid", ROWS[36:])):
-        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:33], "valid": ROWS[36:]})
 
 
 def flags(model, data, out, **extra) -> list[str]:

@@ -10,6 +10,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import addition_rows, write_splits
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora import Finetune
@@ -27,8 +28,7 @@ from mlx_lora.train.checkpoint import OPTIMIZER, list_checkpoints
 from mlx_lora.train.optim import build_optimizer, init_state
 from mlx_lora.train.step import make_update
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 IDS = mx.array([[3, 17, 42, 99, 250, 7, 311, 64, 128, 5]])
 SETTINGS = dict(fine_tune_type="full", iters=12, batch_size=4, learning_rate=1e-3,
                 steps_per_eval=4, save_every=4, mask_prompt=True)
@@ -48,10 +48,7 @@ def val_losses(out) -> list[float]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", ROWS[:36]), ("valid", ROWS[36:])):
-        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import make_adapter
+from helpers import addition_rows, make_adapter
 
 from mlx_lora.cli import cli
 from mlx_lora.data.records import Record
@@ -31,8 +31,7 @@ from mlx_lora.model.load import load_base
 from mlx_lora.train.checkpoint import Position
 from mlx_lora.train.loop import TrainingDiverged, _check_not_uniform
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -11,7 +11,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_adapter
+from helpers import addition_rows, make_adapter
 from test_peft import IDS, TOLERANCE, hf_model, ours, require, theirs
 
 from mlx_lora import Finetune
@@ -25,8 +25,7 @@ from mlx_lora.fuse import fuse
 from mlx_lora.model.adapted import load_adapted
 from mlx_lora.model.load import load_base
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 
 
 def ia3_model(model_dir, targets: str = "", num_layers: int = -1):

@@ -4,7 +4,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import assert_resume_equals_uninterrupted
+from helpers import addition_rows, assert_resume_equals_uninterrupted
 from mlx.utils import tree_flatten
 from test_train import examples_of_varied_length
 
@@ -20,8 +20,7 @@ from mlx_lora.train.loop import accumulate_and_update
 from mlx_lora.train.optim import build_optimizer
 from mlx_lora.train.step import make_grad_step, make_update
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 SETTINGS = dict(iters=6, batch_size=4, learning_rate=2e-3, steps_per_report=1, save_every=3,
                 lora_plus_ratio=8.0, mask_prompt=True)
 

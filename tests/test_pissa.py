@@ -12,7 +12,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import move_trainable
+from helpers import addition_rows, move_trainable
 from test_peft import IDS, TOLERANCE, hf_model, ours, require, theirs
 
 from mlx_lora import Finetune
@@ -24,8 +24,7 @@ from mlx_lora.formats.convert import export_adapter
 from mlx_lora.formats.mlx_lm_adapter import save_adapters
 from mlx_lora.model.load import load_base
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 
 
 def pissa_model(model_dir, method="lora", rslora=False, quantize=0, rank=4):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import make_adapter
+from helpers import addition_rows, make_adapter
 from test_peft import IDS, TOLERANCE, hf_model, require, theirs
 
 from mlx_lora import Finetune
@@ -34,8 +34,7 @@ from mlx_lora.serve import start_server
 
 METHODS = ("prompt", "prefix")
 TEXT_IDS = [5, 9, 33, 70]
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 
 
 def virtual_model(model_dir, method: str, n: int = 4, ids=(), quantize: int = 0, seed: int = 0):

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import addition_rows, write_splits
 
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig
@@ -19,16 +20,12 @@ from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.train.checkpoint import list_checkpoints
 from mlx_lora.train.run import train
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    for split, rows in (("train", ROWS[:36]), ("valid", ROWS[36:])):
-        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 def config_for(model, data, out, **overrides) -> TrainConfig:

@@ -8,14 +8,14 @@ import threading
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import addition_rows
 
 from mlx_lora import Finetune, UserError
 from mlx_lora.cli import cli
 from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.sweep import parse_grid, ranked, run_sweep
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(9)
-        for b in range(5)]
+ROWS = addition_rows(9, 5)
 BASE = dict(iters=4, batch_size=4, steps_per_report=1, steps_per_eval=2, save_every=2,
             mask_prompt=True, seed=0)
 GRID = ["learning-rate=1e-3,1e-2"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import addition_rows
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto.wandb_internal_pb2 import Record
 
@@ -18,8 +19,7 @@ from mlx_lora.cli import cli
 from mlx_lora.config_file import read_config_file
 from mlx_lora.formats.metrics import read_metrics
 
-ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"{a + b}"} for a in range(6)
-        for b in range(4)]
+ROWS = addition_rows(6, 4)
 SPLITS = {"train": ROWS[:16], "valid": ROWS[16:]}
 SETTINGS = dict(iters=4, batch_size=4, learning_rate=5e-3, steps_per_report=1,
                 steps_per_eval=2, save_every=2, val_batches=1, mask_prompt=True)
