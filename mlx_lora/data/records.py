@@ -101,11 +101,15 @@ def scan_records(path: Path,
         raise UserError(f"{name}: the file is empty; it needs at least one record")
     if data_suffix(path) == ".txt":
         return [Record(kind="text", source=name, text=text)], []
-    # Decoded UTF-8 holds no lone surrogate; only a JSON escape can make one.
-    escapes = SURROGATE_ESCAPE.search(text) is not None
     if starts_array(text):
-        return _read_array(text, name, features, escapes)
-    return _read_jsonl(raw, text, name, features, escapes)
+        return _read_array(text, name, features)
+    return _read_jsonl(raw, text, name, features)
+
+
+def _surrogate_escapes(text: str) -> bool:
+    """Whether a record may hold a lone surrogate: decoded UTF-8 holds none, only a JSON escape
+    can make one."""
+    return SURROGATE_ESCAPE.search(text) is not None
 
 
 def _decoded(raw: bytes, name: str) -> str:
@@ -126,8 +130,8 @@ def _decoded(raw: bytes, name: str) -> str:
     return text
 
 
-def _read_array(text: str, name: str, features: dict[str, str] | None,
-                escapes: bool) -> tuple[list[Record], list[str]]:
+def _read_array(text: str, name: str,
+                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
     try:
         items = array_items(text)
     except json.JSONDecodeError as e:
@@ -136,20 +140,21 @@ def _read_array(text: str, name: str, features: dict[str, str] | None,
     if not items:
         raise UserError(f"{name}: the JSON array is empty; it needs at least one record")
     return _scan([f"{name}:{line}" for line, _ in items], [obj for _, obj in items], features,
-                 escapes)
+                 _surrogate_escapes(text))
 
 
 class _NotJSON(str):
     """A line that did not parse, as the problem to report in its place."""
 
 
-def _read_jsonl(raw: bytes, text: str, name: str, features: dict[str, str] | None,
-                escapes: bool) -> tuple[list[Record], list[str]]:
+def _read_jsonl(raw: bytes, text: str, name: str,
+                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
     parsed = parse_lines(raw)
     if parsed:  # msgspec refuses a lone surrogate, so none is left to look for
-        numbers, objects, escapes = *parsed, False
+        (numbers, objects), escapes = parsed, False
     else:
         numbers, objects = _parse_each_line(text, name)
+        escapes = _surrogate_escapes(text)
     return _scan([f"{name}:{number}" for number in numbers], objects, features, escapes)
 
 
