@@ -144,7 +144,31 @@ def run_mlx_lm_lora(job: Job, out_dir: Path) -> dict:
     """mlx-lm-lora's DPO through its own main(), its training call timed."""
     import mlx.core as mx
 
-    sys.path.insert(0, job.peer_dir)
+    wall = run_peer(job.peer_dir, "train_dpo", {
+        "model": job.model, "train": True, "train_mode": "dpo", "data": job.data,
+        "adapter_path": str(out_dir), "iters": job.iters, "batch_size": job.batch_size,
+        "max_seq_length": job.max_seq_length, "learning_rate": job.learning_rate,
+        "beta": job.beta, "dpo_cpo_loss_type": "sigmoid", "seed": job.seed,
+        "lora_parameters": {"rank": job.rank, "dropout": 0.0, "scale": job.alpha / job.rank},
+        "optimizer": "adam", "optimizer_config": {"adam": {"bias_correction": True}},
+        "steps_per_report": job.iters, "steps_per_eval": 10**9, "save_every": job.iters,
+        "fuse": False, "num_layers": -1})
+    peak = mx.get_peak_memory() / 1e9
+    pairs = job.iters * job.batch_size
+    return {"pairs": pairs, "wall_s": round(wall, 2),
+            "pairs_per_sec": round(pairs / wall, 4), "peak_memory_gb": round(peak, 3),
+            **referee(job, out_dir)}
+
+
+def run_peer(peer_dir: str, trainer: str, options: dict, **overrides) -> float:
+    """Run mlx-lm-lora's own main() on `options` in this process (a side's own) and return the
+    wall time of its training call `trainer` ("train_dpo", "train_sft"), compilation included;
+    the training records are tokenized before the clock starts (its CacheDataset would do it
+    lazily inside the call), and loading is not timed. `overrides` replace keyword arguments of
+    that call (a training_callback)."""
+    import mlx.core as mx
+
+    sys.path.insert(0, peer_dir)
     device_info = mx.device_info
     # The one line it needs off Metal: the working-set key, set to the machine's memory.
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -152,28 +176,19 @@ def run_mlx_lm_lora(job: Job, out_dir: Path) -> dict:
     from mlx_lm_lora import train as peer
 
     timing = {}
-    train_dpo = peer.train_dpo
+    train = getattr(peer, trainer)
 
-    def timed_train_dpo(*args, **kwargs):
+    def timed_train(*args, **kwargs):
+        records = kwargs["train_dataset"]
+        for i in range(len(records)):
+            records[i]
         started = time.perf_counter()
-        train_dpo(*args, **kwargs)
+        train(*args, **{**kwargs, **overrides})
         timing["wall_s"] = time.perf_counter() - started
 
-    peer.train_dpo = timed_train_dpo
-    peer.main({"model": job.model, "train": True, "train_mode": "dpo", "data": job.data,
-               "adapter_path": str(out_dir), "iters": job.iters, "batch_size": job.batch_size,
-               "max_seq_length": job.max_seq_length, "learning_rate": job.learning_rate,
-               "beta": job.beta, "dpo_cpo_loss_type": "sigmoid", "seed": job.seed,
-               "lora_parameters": {"rank": job.rank, "dropout": 0.0,
-                                   "scale": job.alpha / job.rank},
-               "optimizer": "adam", "optimizer_config": {"adam": {"bias_correction": True}},
-               "steps_per_report": job.iters, "steps_per_eval": 10**9, "save_every": job.iters,
-               "fuse": False, "num_layers": -1})
-    peak = mx.get_peak_memory() / 1e9
-    pairs = job.iters * job.batch_size
-    return {"pairs": pairs, "wall_s": round(timing["wall_s"], 2),
-            "pairs_per_sec": round(pairs / timing["wall_s"], 4), "peak_memory_gb": round(peak, 3),
-            **referee(job, out_dir)}
+    setattr(peer, trainer, timed_train)
+    peer.main(options)
+    return timing["wall_s"]
 
 
 def run_mlx_lora(job: Job, out_dir: Path) -> dict:

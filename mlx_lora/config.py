@@ -32,6 +32,11 @@ class TrainConfig:
     adapter_path: str = _opt("adapters", "Output directory for adapters, metrics and checkpoints.")
     quantize: int = _opt(0, "Quantize the frozen base to 4 or 8 bits on load (QLoRA); 0 = no.")
     group_size: int = _opt(64, "Quantization group size.")
+    qlora_matmul: str = _opt(
+        "auto", "How a quantized base's frozen layers multiply in training: quantized (MLX's "
+        "quantized matmul), dequantize (the weight dequantized on the fly for a float matmul, "
+        "never kept), or auto (each layer shape timed both ways at the run's token count; the "
+        "faster wins).", choices=("auto", "quantized", "dequantize"))
     trust_remote_code: bool = _opt(False, "Allow a model's own Python code to run on load.")
     train_mode: str = _opt(
         "sft", "Objective: sft (supervised), or dpo / orpo on {prompt, chosen, rejected} pairs.",
@@ -122,6 +127,17 @@ class TrainConfig:
     end_learning_rate: float = _opt(0.0, "Learning rate the decay ends at.")
     max_grad_norm: float = _opt(0.0, "Clip the global gradient norm to this; 0 = no clipping.")
     grad_checkpoint: bool = _opt(False, "Recompute the adapted blocks' activations to save memory.")
+    attention: str = _opt(
+        "auto", "Attention in training: blockwise computes it in blocks of query rows and "
+        "recomputes their scores in the backward, so no layer keeps (heads, L, L) scores; fused "
+        "is mlx-lm's own; auto = blockwise from max-seq-length 1024 where the backend's fused "
+        "attention keeps its scores for the backward (measured once), else fused.",
+        choices=("auto", "blockwise", "fused"))
+    memory_limit: float = _opt(
+        -1.0, "GB a training step may peak at (MLX's cache and limits are kept under it); a step "
+        "past it stops the run with a checkpoint, saying which setting to lower, instead of "
+        "swapping. -1 = the GPU's recommended working set (Metal), else 3/4 of the memory; "
+        "0 = off.")
     steps_per_report: int = _opt(10, "Log training loss every N updates.")
     report_to: str = _opt("", "Also log the train and val numbers to wandb, tensorboard or both "
                           "(wandb,tensorboard), under the adapter path; empty = neither.")
@@ -283,6 +299,9 @@ def _check_ranges(config: TrainConfig, source: str) -> None:
     if not 0.0 <= config.valid_fraction < 1.0:
         raise UserError(f"{source}: 'valid_fraction' must be in [0, 1), got "
                         f"{config.valid_fraction}")
+    if config.memory_limit < 0 and config.memory_limit != -1:
+        raise UserError(f"{source}: 'memory_limit' must be GB, 0 (off) or -1 (a share of the "
+                        f"machine's memory), got {config.memory_limit}")
     if config.orpo_lambda < 0 and config.orpo_lambda != -1:
         raise UserError(f"{source}: 'orpo_lambda' must be -1 (use beta) or not negative")
     for key in ("adam_beta1", "adam_beta2"):

@@ -37,7 +37,10 @@ NOT_SWEPT = {
     "mask_prompt": "it changes which tokens the validation loss is over",
     **dict.fromkeys(("valid_fraction", "val_batches"), "it changes the validation set"),
 }
-RUN_DECIDES = ("adapter_path", "pack")  # config.yaml keys a run may set on its own
+# config.yaml keys a run may set on its own: where it writes, and auto choices of how (not
+# what) it computes, which it records as it resolved them (packing, attention, QLoRA's matmul,
+# the default memory limit).
+RUN_DECIDES = ("adapter_path", "pack", "attention", "qlora_matmul", "memory_limit")
 BOOLS = {"true": True, "yes": True, "on": True, "1": True,
          "false": False, "no": False, "off": False, "0": False}
 SKIP_NOTES = {"done": ": finished before, skipped", "resume": " (continuing where it stopped)",

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mlx_lora.data import bulk
+from mlx_lora.data.columns import RecordColumns, kinds_of, select
 from mlx_lora.data.records import (
     Record,
     from_plain_text,
@@ -230,7 +231,7 @@ def test_plain_files_read_in_bulk_give_the_general_paths_records(tmp_path, kind)
 
 @pytest.mark.parametrize("line", [
     '{"text": "a"} {"text": "b"}', '{"text": "a"}x', '{"text": NaN}', '{"text": "\\ud800"}',
-    '{"text": 1e400}', "\u00a0"])
+    '{"text": 1e400}', "\u00a0", '{"text": "b"} {"text":\n"c"}'])
 def test_lines_that_are_not_one_plain_json_value_go_the_general_way(tmp_path, line):
     raw = ("\n".join(['{"text": "a"}', line]) + "\n").encode()
     assert bulk.parse_lines(raw) is None
@@ -239,3 +240,28 @@ def test_lines_that_are_not_one_plain_json_value_go_the_general_way(tmp_path, li
 def test_two_values_on_a_line_are_refused_by_line(tmp_path):
     path = write(tmp_path, ['{"text": "a"}', '{"text": "b"} {"text": "c"}'])
     assert error_of(path) == "train.jsonl:2: not valid JSON (Extra data at column 15)"
+
+
+def test_a_value_across_lines_is_refused_by_line_when_the_counts_balance(tmp_path):
+    # Two values on line 1 and one across lines 2-3: as many values as lines that hold any.
+    path = write(tmp_path, ['{"text": "a"} {"text": "b"}', '{"text":', '"c"}'])
+    assert error_of(path).splitlines() == [
+        "train.jsonl:1: not valid JSON (Extra data at column 15)",
+        "train.jsonl:2: not valid JSON (Expecting value at column 9)",
+        "train.jsonl:3: not valid JSON (Extra data at column 4)"]
+
+
+@pytest.mark.parametrize("kind", PLAIN_FILES)
+def test_records_kept_as_columns_behave_as_the_list_of_them(tmp_path, kind):
+    records = read_records(write(tmp_path, ["", *map(json.dumps, PLAIN_FILES[kind] * 2)]))
+    listed = list(records)
+    assert isinstance(records, RecordColumns) and kinds_of(records) == {kind}
+    assert records == listed and listed == records and not records != listed
+    assert records != listed[:-1] and records != [*listed[:-1], listed[0]]
+    assert len(records) == 4 and records[1] == listed[1] and records[-1] == listed[-1]
+    assert records[1:3] == listed[1:3] and records[::-1] == listed[::-1]
+    assert records[-1].source == "train.jsonl:5"
+    assert select(records, [3, 0]) == select(listed, [3, 0]) == [listed[3], listed[0]]
+    assert repr(records) == repr(listed)
+    with pytest.raises(IndexError):
+        records[4]

@@ -3,37 +3,36 @@
 Most files hold one plain shape throughout: {"prompt", "completion"}, {"text"}, or {"messages"}
 of role/content turns, every string filled. Read a record at a time, Python's per-call overhead
 costs more than parsing the JSON; as a few passes over columns (map, set, all, which run in C)
-it costs a fraction, and msgspec parses the lines in one call. Any other file (a bad line,
-extra keys, a foreign format, one bad record)
-gets None and goes the general way, which names every problem.
+it costs a fraction, and msgspec's decoder, mapped over the lines, parses them in C too. Any
+other file (a bad line, extra keys, a foreign format, one bad record) gets None and goes the
+general way, which names every problem.
 """
 
-from itertools import chain, compress, count, repeat
-from operator import eq, itemgetter
+from itertools import chain, compress, count
+from operator import itemgetter
 
 import msgspec
 
 from mlx_lora.data.validate import ROLES
 
-# Parses a whole JSONL file in one call, four times as fast as json.loads line by line.
+# Parses a line three times as fast as json.loads does.
 JSONL = msgspec.json.Decoder()
 
 # kind -> the exact keys of its plain records, in the order their columns are returned
 SHAPES = {"completion": ("prompt", "completion"), "text": ("text",), "chat": ("messages",)}
-MESSAGE_KEYS = {"role", "content"}
+MESSAGE_KEYS = ("role", "content")
 
 
 def parse_lines(raw: bytes) -> tuple[list[int], list] | None:
     """(line numbers, values) of the non-blank lines of a JSONL file when each holds exactly one
     JSON value and the file is well-formed (UTF-8, no lone surrogate); else None."""
-    try:
-        values = JSONL.decode_lines(raw)
+    lines = raw.split(b"\n")
+    filled = list(map(bytes.strip, lines))
+    try:  # a line at a time: decode_lines would read a value across lines, or two on one line
+        values = list(map(JSONL.decode, compress(lines, filled)))
     except msgspec.MsgspecError:
         return None
-    numbers = list(compress(count(1), map(bytes.strip, raw.split(b"\n"))))
-    # msgspec ends every value at its line's end and refuses a non-blank line with no value, so
-    # as many values as non-blank lines means one value on each.
-    return (numbers, values) if len(values) == len(numbers) else None
+    return list(compress(count(1), filled)), values
 
 
 def plain_columns(objects: list) -> tuple[str, list[list]] | None:
@@ -41,13 +40,22 @@ def plain_columns(objects: list) -> tuple[str, list[list]] | None:
     same kind, as the record checks would pass it; else None."""
     if not objects or set(map(type, objects)) != {dict}:
         return None
-    keys = objects[0].keys()
-    kind = next((k for k, fields in SHAPES.items() if keys == set(fields)), None)
-    if kind is None or not all(map(eq, repeat(keys), map(dict.keys, objects))):
+    kind = next((k for k, keys in SHAPES.items() if objects[0].keys() == set(keys)), None)
+    columns = kind and _exact_columns(objects, SHAPES[kind])
+    if not columns:
         return None
-    columns = [list(map(itemgetter(key), objects)) for key in SHAPES[kind]]
     good = _good_conversations(columns[0]) if kind == "chat" else all(map(_filled, columns))
     return (kind, columns) if good else None
+
+
+def _exact_columns(dicts: list, keys: tuple[str, ...]) -> list[list] | None:
+    """A list of values per key when every dict has exactly these keys; else None."""
+    if set(map(len, dicts)) != {len(keys)}:
+        return None
+    try:  # as many keys as wanted, each one among them: exactly those (faster than keys() ==)
+        return [list(map(itemgetter(key), dicts)) for key in keys]
+    except KeyError:
+        return None
 
 
 def _filled(values: list) -> bool:
@@ -62,12 +70,11 @@ def _good_conversations(conversations: list) -> bool:
     if set(map(type, conversations)) != {list} or not all(conversations):
         return False
     turns = list(chain.from_iterable(conversations))
-    if (set(map(type, turns)) != {dict}
-            or not all(map(eq, repeat(MESSAGE_KEYS), map(dict.keys, turns)))):
+    columns = set(map(type, turns)) == {dict} and _exact_columns(turns, MESSAGE_KEYS)
+    if not columns:
         return False
-    roles = list(map(itemgetter("role"), turns))
-    return (set(map(type, roles)) == {str} and set(roles) <= set(ROLES)
-            and _filled(list(map(itemgetter("content"), turns)))
+    roles, contents = columns
+    return (set(map(type, roles)) == {str} and set(roles) <= set(ROLES) and _filled(contents)
             and all(map(_has_assistant_turn, conversations)))
 
 

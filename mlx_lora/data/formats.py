@@ -10,7 +10,9 @@ Ours ({"text"}, {"prompt", "completion"}, {"messages"}) and preference pairs pas
 """
 
 import json
+from collections.abc import Sequence
 
+from mlx_lora.data.columns import Record, kinds_of
 from mlx_lora.data.sharegpt import to_messages
 
 # format -> how it reads in the one-line report of a file
@@ -80,11 +82,11 @@ def _sharegpt(obj: dict) -> tuple[dict | None, list[str]]:
 CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt}
 
 
-def describe(name: str, records: list) -> str:
+def describe(name: str, records: Sequence[Record]) -> str:
     """One line on what a file was read as: "train.json: Alpaca (...) -> prompt/completion,
     999 records"."""
     origin = records[0].origin
-    kinds = sorted({r.kind for r in records})
+    kinds = sorted(kinds_of(records))
     became = "" if kinds == [origin] else " -> " + " and ".join(LABELS[k] for k in kinds)
     return f"{name}: {LABELS.get(origin, origin)}{became}, {len(records)} records"
 

@@ -7,6 +7,7 @@ records past the model's context are the records' own, not what was kept of them
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +92,7 @@ def _read(data: str, features, hub: HubSplits) -> dict[str, tuple[str, list, lis
             for split, path in find_splits(data).items()}
 
 
-def _measure(report: SplitReport, records: list[Record], halves: list[Record], tokenizer,
+def _measure(report: SplitReport, records: Sequence[Record], halves: Sequence[Record], tokenizer,
              max_seq_length: int, mask_prompt: bool, context: int | None) -> list[Example]:
     """Tokenize every record whole; fill in the report's counts; the examples training gets."""
     report.records = len(records)
@@ -119,7 +120,7 @@ def _measure(report: SplitReport, records: list[Record], halves: list[Record], t
     return examples
 
 
-def _duplicates(records: list[Record]) -> list[str]:
+def _duplicates(records: Sequence[Record]) -> list[str]:
     """"FILE:LINE = FILE:EARLIER" for each record whose content an earlier one has."""
     seen, found = {}, []
     for record in records:

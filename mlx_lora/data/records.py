@@ -3,11 +3,11 @@
 import gzip
 import json
 import re
-from itertools import repeat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from mlx_lora.data.bulk import SHAPES, parse_lines, plain_columns
+from mlx_lora.data.columns import Record, RecordColumns
 from mlx_lora.data.formats import LABELS, convert, detect
 from mlx_lora.data.json_array import array_items, starts_array
 from mlx_lora.data.preference import split_pair
@@ -24,24 +24,6 @@ MAX_PROBLEMS = 20
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": JSON's way to a lone surrogate
 
 
-# A NamedTuple, not a frozen dataclass: as immutable, and built in a tenth of the time (a frozen
-# dataclass's __init__ took a third of the time of checking a small record).
-class Record(NamedTuple):
-    """One training record as read; `source` is "FILE:LINE" (just "FILE" for a .txt file)."""
-
-    kind: str  # "text" | "completion" | "chat" | "preference"
-    source: str
-    text: str | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    messages: tuple | None = None  # the message dicts as read
-    tools: tuple | None = None
-    response_start: int = 0  # chat: messages before this index are context, with no loss
-    chosen: "Record | None" = None  # preference: the two halves, sharing the prompt
-    rejected: "Record | None" = None
-    origin: str = ""  # the format it was read in: "chat", "completion", ..., "alpaca"
-
-
 def from_plain_text(record: Record) -> bool:
     """True for the one record of a .txt file, which the tokenizer cuts into chunks."""
     # A JSONL record's source always ends in ":LINE", so only a .txt file's ends in ".txt".
@@ -54,8 +36,10 @@ def data_suffix(path: Path) -> str:
     return (Path(path.stem) if path.suffix.lower() == ".gz" else path).suffix.lower()
 
 
-def plain_records(records: list[Record]) -> list[Record]:
-    """The records with each preference pair as its two halves."""
+def plain_records(records: Sequence[Record]) -> Sequence[Record]:
+    """The records with each preference pair as its two halves (columns hold no pair)."""
+    if isinstance(records, RecordColumns):
+        return records
     return [half for r in records
             for half in ((r.chosen, r.rejected) if r.kind == "preference" else (r,))]
 
@@ -68,7 +52,7 @@ def problems_error(problems: list[str]) -> UserError:
     return UserError("\n".join(lines))
 
 
-def read_records(path: Path, features: dict[str, str] | None = None) -> list[Record]:
+def read_records(path: Path, features: dict[str, str] | None = None) -> Sequence[Record]:
     """Read and validate a .jsonl or .txt file; raise one UserError naming every bad line.
 
     features: our key -> the key the records use instead (mlx-lm's *_feature options).
@@ -80,7 +64,7 @@ def read_records(path: Path, features: dict[str, str] | None = None) -> list[Rec
 
 
 def scan_records(path: Path,
-                 features: dict[str, str] | None = None) -> tuple[list[Record], list[str]]:
+                 features: dict[str, str] | None = None) -> tuple[Sequence[Record], list[str]]:
     """The file's good records and a "FILE:LINE: problem" line per bad one; a file that
     cannot be read as records at all (not UTF-8, empty, broken JSON array) raises."""
     path = Path(path)
@@ -97,7 +81,7 @@ def scan_records(path: Path,
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some Windows editors write
         raw = raw[3:]
     text = _decoded(raw, name)
-    if not text.strip():
+    if not text or text.isspace():  # not text.strip(), which copies the whole file
         raise UserError(f"{name}: the file is empty; it needs at least one record")
     if data_suffix(path) == ".txt":
         return [Record(kind="text", source=name, text=text)], []
@@ -131,7 +115,7 @@ def _decoded(raw: bytes, name: str) -> str:
 
 
 def _read_array(text: str, name: str,
-                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+                features: dict[str, str] | None) -> tuple[Sequence[Record], list[str]]:
     try:
         items = array_items(text)
     except json.JSONDecodeError as e:
@@ -139,8 +123,8 @@ def _read_array(text: str, name: str,
                         ) from None
     if not items:
         raise UserError(f"{name}: the JSON array is empty; it needs at least one record")
-    return _scan([f"{name}:{line}" for line, _ in items], [obj for _, obj in items], features,
-                 _surrogate_escapes(text))
+    return _scan_file(name, [line for line, _ in items], [obj for _, obj in items], features,
+                      _surrogate_escapes(text))
 
 
 class _NotJSON(str):
@@ -148,14 +132,14 @@ class _NotJSON(str):
 
 
 def _read_jsonl(raw: bytes, text: str, name: str,
-                features: dict[str, str] | None) -> tuple[list[Record], list[str]]:
+                features: dict[str, str] | None) -> tuple[Sequence[Record], list[str]]:
     parsed = parse_lines(raw)
     if parsed:  # msgspec refuses a lone surrogate, so none is left to look for
         (numbers, objects), escapes = parsed, False
     else:
         numbers, objects = _parse_each_line(text, name)
         escapes = _surrogate_escapes(text)
-    return _scan([f"{name}:{number}" for number in numbers], objects, features, escapes)
+    return _scan_file(name, numbers, objects, features, escapes)
 
 
 def _parse_each_line(text: str, name: str) -> tuple[list[int], list]:
@@ -185,23 +169,29 @@ def records_from_objects(objects, name: str,
     if not isinstance(objects, (list, tuple)) or not objects:
         raise UserError(f"{name}: expected a non-empty list of records (dicts), found "
                         f"{type_name(objects) if objects is not None else 'nothing'}")
-    records, problems = _scan([f"{name}[{i}]" for i in range(len(objects))], list(objects),
-                              features)
+    records, problems = _scan([f"{name}[{i}]" for i in range(len(objects))],
+                              _renamed(list(objects), features))
     if problems:
         raise problems_error(problems)
     return records
 
 
-def _scan(wheres: list[str], objects: list, features: dict[str, str] | None,
-          escapes: bool = True) -> tuple[list[Record], list[str]]:
-    """Check each object, read at `wheres`: one format for all, each record valid; the good
-    records and a problem line per bad one. escapes=False: the text they were parsed from has
-    no surrogate escape, so no string needs the Unicode check."""
-    if features:
-        objects = [_renamed(obj, features) for obj in objects]
+def _scan_file(name: str, numbers: list[int], objects: list, features: dict[str, str] | None,
+               escapes: bool) -> tuple[Sequence[Record], list[str]]:
+    """_scan over the values at lines `numbers` of file `name`; a file of plain records
+    (bulk.plain_columns) is kept as RecordColumns. escapes=False: the text they were parsed
+    from has no surrogate escape, so no string needs the Unicode check."""
+    objects = _renamed(objects, features)
     plain = None if escapes else plain_columns(objects)
     if plain:
-        return _plain_records(*plain, wheres), []
+        return _record_columns(name, numbers, *plain), []
+    return _scan([f"{name}:{number}" for number in numbers], objects, escapes)
+
+
+def _scan(wheres: list[str], objects: list,
+          escapes: bool = True) -> tuple[list[Record], list[str]]:
+    """Check each object, read at `wheres`: one format for all, each record valid; the good
+    records and a problem line per bad one."""
     records, problems = [], []
     first = None  # (format, where) of the first record: the file's format
     for where, obj in zip(wheres, objects, strict=True):
@@ -228,21 +218,12 @@ def _label(where: str) -> str:
     return "line " + where[where.rindex(":") + 1:]
 
 
-def _plain_records(kind: str, columns: list[list], wheres: list[str]) -> list[Record]:
-    """The records of a file that bulk.plain_columns passed, built from its columns."""
+def _record_columns(name: str, numbers: list[int], kind: str,
+                    columns: list[list]) -> RecordColumns:
+    """The records of a file that bulk.plain_columns passed, kept as its columns."""
     if kind == "chat":
         columns = [list(map(tuple, columns[0]))]  # the messages as a tuple, as _record keeps them
-    named = dict(zip(SHAPES[kind], columns, strict=True))
-    return _records(len(wheres), kind=repeat(kind), source=wheres, origin=repeat(kind), **named)
-
-
-def _records(count: int, **columns) -> list[Record]:
-    """Records from columns of field values (the other fields at their defaults), built in C:
-    tuple.__new__ over the zipped columns, in Record's field order."""
-    fields = [columns.get(name, repeat(Record._field_defaults.get(name))) for name in
-              Record._fields]
-    # The defaults repeat without end; the given columns, `count` long, end the zip.
-    return list(map(tuple.__new__, repeat(Record, count), zip(*fields, strict=False)))
+    return RecordColumns(kind, name, numbers, dict(zip(SHAPES[kind], columns, strict=True)))
 
 
 def _read_one(obj, where: str,
@@ -269,12 +250,13 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiouAEIOU' else 'a'} {word}"
 
 
-def _renamed(obj, features: dict[str, str] | None):
-    """The record with the user's keys for prompt, completion, text, messages renamed to ours."""
-    if not features or not isinstance(obj, dict):
-        return obj
-    renames = {theirs: ours for ours, theirs in features.items() if theirs != ours}
-    return {renames.get(key, key): value for key, value in obj.items()}
+def _renamed(objects: list, features: dict[str, str] | None) -> list:
+    """The records with the user's keys for prompt, completion, text, messages renamed to ours."""
+    renames = {theirs: ours for ours, theirs in (features or {}).items() if theirs != ours}
+    if not renames:
+        return objects
+    return [{renames.get(key, key): value for key, value in obj.items()}
+            if isinstance(obj, dict) else obj for obj in objects]
 
 
 def _whole_file_is_json(text: str) -> bool:

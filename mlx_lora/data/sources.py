@@ -1,12 +1,14 @@
 """Where a run's records come from: a data directory or file, or records held in memory."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mlx_lora.data.columns import Record, select
 from mlx_lora.data.hub import HubSplits, is_hub_data, read_hub_splits
-from mlx_lora.data.records import Record, data_suffix, read_records, records_from_objects
+from mlx_lora.data.records import data_suffix, read_records, records_from_objects
 from mlx_lora.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -72,8 +74,8 @@ def hold_out_valid(splits: dict, fraction: float, batch_size: int,
     if "valid" in splits or fraction <= 0 or n_valid > 2 * fraction * len(records):
         return splits, None
     held = set(np.random.default_rng(seed).permutation(len(records))[:n_valid].tolist())
-    train = [r for i, r in enumerate(records) if i not in held]
-    valid = [r for i, r in enumerate(records) if i in held]
+    train = select(records, [i for i in range(len(records)) if i not in held])
+    valid = select(records, sorted(held))
     line = (f"no validation split: holding out {n_valid} of {len(records)} records of {name} "
             f"for validation (--valid-fraction {fraction}, chosen by --seed {seed}; "
             "--valid-fraction 0 keeps them all for training)")
@@ -81,7 +83,7 @@ def hold_out_valid(splits: dict, fraction: float, batch_size: int,
 
 
 def read_splits(data, features: dict[str, str] | None = None,
-                hub: HubSplits = DEFAULT_HUB_SPLITS) -> dict[str, tuple[str, list[Record]]]:
+                hub: HubSplits = DEFAULT_HUB_SPLITS) -> dict[str, tuple[str, Sequence[Record]]]:
     """Every split's name for messages and records, read and validated before any model loads.
 
     `data` is a directory or a .jsonl/.txt file (contract 2), a Hugging Face data set (a Hub

@@ -14,12 +14,13 @@ right after its start. Character spans become token flags through the fast token
 of the full string, so the ids are exactly those of encoding the full rendering.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_lora.data.records import Record
+from mlx_lora.data.columns import Record, kinds_of
 from mlx_lora.errors import UserError
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered string
@@ -80,9 +81,9 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def check_chat_template(records: list[Record], tokenizer, path) -> None:
+def check_chat_template(records: Sequence[Record], tokenizer, path) -> None:
     """Fail early when chat records meet a tokenizer that has no chat template."""
-    if any(r.kind == "chat" for r in records) and not has_chat_template(tokenizer):
+    if "chat" in kinds_of(records) and not has_chat_template(tokenizer):
         raise UserError(
             f"{Path(path).name}: chat records need a tokenizer with a chat template; this one "
             'has none. Use an instruct/chat model, or write the records as {"text": ...}'

@@ -1,11 +1,13 @@
 """Records to fixed-length-bounded examples: token ids and loss flags, truncated or chunked."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlx_lora.console import status
+from mlx_lora.data.columns import kinds_of
 from mlx_lora.data.records import (
     Record,
     from_plain_text,
@@ -34,7 +36,7 @@ class TokenizeStats:
 
 
 def tokenize_with_stats(
-    records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool
+    records: Sequence[Record], tokenizer, max_seq_length: int, mask_prompt: bool
 ) -> tuple[list[Example], TokenizeStats]:
     """Examples of the records, with counts of truncated and dropped records."""
     examples, problems = [], []
@@ -103,11 +105,12 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
     return to_examples(read_records(path), tokenizer, max_seq_length, mask_prompt, path.name)
 
 
-def to_examples(records: list[Record], tokenizer, max_seq_length: int, mask_prompt: bool,
+def to_examples(records: Sequence[Record], tokenizer, max_seq_length: int, mask_prompt: bool,
                 name: str) -> list[Example]:
     """Tokenize one split's records (named `name` in messages); warn about truncations."""
-    if pairs := [r.source for r in records if r.kind == "preference"]:
-        raise UserError(f"{pairs[0]}: a preference pair (chosen/rejected), which only "
+    if "preference" in kinds_of(records):
+        first = next(r.source for r in records if r.kind == "preference")
+        raise UserError(f"{first}: a preference pair (chosen/rejected), which only "
                         "--train-mode dpo or orpo reads (their validation reports reward "
                         "accuracy); for supervised training or eval, write the chosen response "
                         "as a completion")

@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_lora.model.qmatmul import DEQUANTIZING, dequantized
+
 
 @dataclass(frozen=True)
 class Split:
@@ -31,7 +33,7 @@ def split_model(model: nn.Module) -> tuple[Split | None, str | None]:
     inner = getattr(model, "model", None)
     if not isinstance(inner, nn.Module) or not callable(inner):
         return None, "the model has no `model` backbone"
-    module, head = _head(model)
+    module, head = find_head(model)
     if head is None:
         return None, "the model has neither lm_head nor model.embed_tokens.as_linear"
     split = Split(
@@ -46,7 +48,8 @@ def split_model(model: nn.Module) -> tuple[Split | None, str | None]:
     return (None, problem) if problem else (replace(split, vocab_size=vocab_size), None)
 
 
-def _head(model: nn.Module):
+def find_head(model: nn.Module) -> tuple[nn.Module | None, Callable | None]:
+    """(the module holding the output head's parameters, the head function), or (None, None)."""
     lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, nn.Module):
         return lm_head, lm_head
@@ -60,6 +63,8 @@ def _plain_weight(module: nn.Module) -> Callable[[], mx.array] | None:
     # Read at call time, so a compiled step sees the model's current (traced) weight.
     if type(module) is nn.Embedding or (type(module) is nn.Linear and "bias" not in module):
         return lambda: module.weight
+    if type(module) in DEQUANTIZING.values() and "bias" not in module:
+        return lambda: dequantized(module)  # the dequantize path (qmatmul.py)
     return None  # quantized or biased heads: the head's own function and its vjp
 
 

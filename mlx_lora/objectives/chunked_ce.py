@@ -49,10 +49,12 @@ def chunked_ce(split: Split, hidden: mx.array, targets: mx.array, weights: mx.ar
     """
     n = hidden.shape[0]
     size = chunk_size(split.vocab_size)
+    # Made once for all chunks: a dequantized head (qmatmul.py) is dequantized once per loss.
+    weight = split.weight() if split.weight is not None else None
     if not with_grad:
-        chunk = _chunk_ce(split, per_position)
+        chunk = _chunk_ce(split, weight, per_position)
     elif split.frozen:
-        chunk = _fused_chunk_ce(split, per_position)
+        chunk = _fused_chunk_ce(split, weight, per_position)
     else:  # a trained head needs its own gradients: recompute each chunk's logits instead
         chunk = _checkpointed_chunk_ce(split, per_position)
     values, total = [], mx.array(0.0)
@@ -80,9 +82,14 @@ def _log_sum_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return (top + mx.log(s))[:, 0], e, s
 
 
-def _chunk_ce(split: Split, per_position: bool):
+def _logits(split: Split, weight: mx.array | None, h: mx.array) -> mx.array:
+    """head(h) as float32 (C, V); h @ weight.T is the same operation when there is a weight."""
+    return (split.head(h) if weight is None else h @ weight.T).astype(mx.float32)
+
+
+def _chunk_ce(split: Split, weight: mx.array | None, per_position: bool):
     def chunk(h, t, w):
-        logits = split.head(h).astype(mx.float32)  # (C, V)
+        logits = _logits(split, weight, h)  # (C, V)
         lse, _, _ = _log_sum_exp(logits)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         terms = (lse - picked) * w  # (C,)
@@ -92,7 +99,7 @@ def _chunk_ce(split: Split, per_position: bool):
 
 
 def _checkpointed_chunk_ce(split: Split, per_position: bool):
-    plain = _chunk_ce(split, per_position)
+    plain = _chunk_ce(split, None, per_position)  # the head's own call, for its gradients
 
     def chunk(h, t, w):
         # The head's parameters go in as arguments so their gradients flow through the
@@ -106,20 +113,19 @@ def _checkpointed_chunk_ce(split: Split, per_position: bool):
     return chunk
 
 
-def _fused_chunk_ce(split: Split, per_position: bool):
+def _fused_chunk_ce(split: Split, weight: mx.array | None, per_position: bool):
     """A chunk's loss whose forward pass also makes d loss / d h, so backward is a multiply."""
 
     @mx.custom_function
     def chunk(h, t, w):
-        logits = split.head(h).astype(mx.float32)  # (C, V)
+        logits = _logits(split, weight, h)  # (C, V)
         picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         lse, e, s = _log_sum_exp(logits)
         terms = (lse - picked) * w  # (C,)
         ce = terms if per_position else terms.sum()
         # d ce_i / d logits_i = w_i * (softmax_i - onehot_i); through the head, d ce_i / d h_i.
         scale = (w / s[:, 0])[:, None]
-        if split.weight is not None:  # head(h) = h @ W.T: the onehot part is a row gather
-            weight = split.weight()
+        if weight is not None:  # head(h) = h @ W.T: the onehot part is a row gather
             grad_h = (e.astype(weight.dtype) @ weight) * scale - weight[t] * w[:, None]
         else:
             onehot = mx.arange(logits.shape[-1])[None] == t[:, None]

@@ -8,7 +8,6 @@ from jinja2 import TemplateSyntaxError
 
 from mlx_lora.adapters import METHODS
 from mlx_lora.config import DEFAULTS, TrainConfig, to_dict
-from mlx_lora.data.records import Record
 from mlx_lora.data.template import has_chat_template
 from mlx_lora.errors import UserError
 from mlx_lora.formats.run_config import RUN_CONFIG_FILE, changed_settings, read_run_config
@@ -63,6 +62,9 @@ def check_method(config: TrainConfig) -> None:
     method = config.fine_tune_type
     table = METHODS[method]
     _check_virtual(config, method, table.virtual is not None)
+    if config.attention == "blockwise" and (why := blockwise_ruled_out(config)):
+        raise UserError(f"--attention blockwise recomputes attention in the backward, but {why}; "
+                        "use --attention auto or fused")
     if table.place is None and (config.adapter_size or
                                 config.adapter_variant != DEFAULTS.adapter_variant):
         raise UserError("--adapter-size and --adapter-variant shape bottleneck adapters; use "
@@ -93,6 +95,15 @@ def check_method(config: TrainConfig) -> None:
                         "drop it")
 
 
+def blockwise_ruled_out(config: TrainConfig) -> str | None:
+    """Why the method or its settings rule blockwise attention out, or None."""
+    if METHODS[config.fine_tune_type].virtual is not None:
+        return f"{config.fine_tune_type} tuning's virtual keys reach attention through its cache"
+    if config.dropout:
+        return f"--dropout {config.dropout} would draw other masks for the recomputed blocks"
+    return None
+
+
 def _check_virtual(config: TrainConfig, method: str, virtual: bool) -> None:
     """Refuse what prompt and prefix tuning cannot honor, and their settings elsewhere."""
     if not virtual:
@@ -109,9 +120,10 @@ def _check_virtual(config: TrainConfig, method: str, virtual: bool) -> None:
                         "tokens (they reach each block through its cache); drop it")
 
 
-def check_template(tokenizer, records: list[Record], model: str) -> None:
-    """Refuse a chat template with a syntax error, or one that drops assistant turns."""
-    if not any(r.kind in ("chat", "completion") for r in records):
+def check_template(tokenizer, kinds: set[str], model: str) -> None:
+    """Refuse a chat template with a syntax error, or one that drops assistant turns; kinds:
+    the records' (a preference pair's as its halves')."""
+    if not kinds & {"chat", "completion"}:
         return
     if not has_chat_template(tokenizer):
         return
@@ -130,14 +142,14 @@ def check_template(tokenizer, records: list[Record], model: str) -> None:
                         "text; use the model's own template or an instruct model")
 
 
-def warnings(config: TrainConfig, tokenizer, records: list[Record],
+def warnings(config: TrainConfig, tokenizer, kinds: set[str],
              context_length: int | None) -> list[str]:
     """One line for each setting that trains, but probably not as the user meant."""
     lines = []
     if tokenizer.eos_token_id is None:
         lines.append("warning: the tokenizer has no end-of-sequence token, so the model will "
                      "not learn where an answer ends")
-    if any(r.kind == "completion" for r in records) and not has_chat_template(tokenizer):
+    if "completion" in kinds and not has_chat_template(tokenizer):
         lines.append("warning: the tokenizer has no chat template, so each prompt and "
                      "completion are joined with nothing between them; end the prompts with a "
                      "separator (a newline, say) or use an instruct model")

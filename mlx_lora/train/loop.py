@@ -17,6 +17,7 @@ from mlx_lora.objectives.protocol import Objective
 from mlx_lora.train.checkpoint import Position
 from mlx_lora.train.distributed import SINGLE, Ranks
 from mlx_lora.train.interrupt import StopRequest
+from mlx_lora.train.memory_guard import MemoryGuard, MemoryLimitExceeded
 from mlx_lora.train.progress import Window, peak_memory_gb
 from mlx_lora.train.report import RunReport
 from mlx_lora.train.step import add_grads, make_eval_step, make_grad_step, make_update
@@ -56,7 +57,8 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
     """Train from `position` (updated in place) to the last step or an early stop.
 
     Returns False when Ctrl-C or `stop` ended it early, after a checkpoint and the adapters
-    were saved; True when it ran to its end.
+    were saved; True when it ran to its end. Raises MemoryLimitExceeded, after saving them
+    too, when a step passed config.memory_limit (train.memory_guard).
     """
     model, objective, report = trainee.model, trainee.objective, trainee.report
     steps = total_steps(config, len(train_set))
@@ -72,7 +74,7 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
         validate(model, objective, eval_step, config, valid_set, position, report,
                  trainee.general, trainee.ranks)
     model.train()
-    with StopRequest() as interrupt:
+    with StopRequest() as interrupt, MemoryGuard(config.memory_limit, trainee.ranks) as guard:
         try:
             while position.step < steps:
                 micro = [next(batches) for _ in range(config.grad_accumulation_steps)]
@@ -91,12 +93,25 @@ def fit(trainee: Trainee, optimizer: optim.Optimizer, config: TrainConfig, train
                 if _after_update(trainee, optimizer, config, valid_set, eval_step, position,
                                  steps, window):
                     break
-                if trainee.ranks.any(interrupt.requested or (stop is not None and stop.is_set())):
-                    report.save_adapters(model)
-                    report.save_checkpoint(model, optimizer, position, config.keep_checkpoints)
+                if _stops(trainee, optimizer, config, position, guard,
+                          interrupt.requested or (stop is not None and stop.is_set())):
                     return False
         finally:
             report.close_bar()
+    return True
+
+
+def _stops(trainee: Trainee, optimizer, config: TrainConfig, position: Position,
+           guard: MemoryGuard, requested: bool) -> bool:
+    """After a step: True, with the step saved, when a rank was asked to stop (Ctrl-C, stop);
+    MemoryLimitExceeded, with the step saved, when a rank passed the memory limit."""
+    over = guard.check(position.step, config)  # the same answer on every rank
+    if not over and not trainee.ranks.any(requested):
+        return False
+    trainee.report.save_adapters(trainee.model)
+    trainee.report.save_checkpoint(trainee.model, optimizer, position, config.keep_checkpoints)
+    if over:
+        raise MemoryLimitExceeded(over)
     return True
 
 

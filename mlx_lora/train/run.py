@@ -20,8 +20,9 @@ from mlx_lora.adapters.inject import (
 )
 from mlx_lora.adapters.protocol import Hyper
 from mlx_lora.config import TrainConfig, features, hub_splits, to_dict
+from mlx_lora.data.columns import kinds_of
 from mlx_lora.data.formats import describe
-from mlx_lora.data.packing import decide_packing, positions
+from mlx_lora.data.packing import decide_packing, packed_width, positions
 from mlx_lora.data.records import plain_records
 from mlx_lora.data.sources import hold_out_valid, read_splits
 from mlx_lora.errors import UserError
@@ -35,6 +36,8 @@ from mlx_lora.forgetting import (
 from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
 from mlx_lora.formats.output_dir import check_writable, claim_run_dir, exclusive
 from mlx_lora.model.blas import slow_blas_warning
+from mlx_lora.model.blockwise_attention import choose_attention
+from mlx_lora.model.head import find_head
 from mlx_lora.model.load import (
     LoadedModel,
     frozen_base,
@@ -44,10 +47,13 @@ from mlx_lora.model.load import (
 )
 from mlx_lora.model.prefix_cache import init_ids
 from mlx_lora.model.probe import probe_model
+from mlx_lora.model.qmatmul import choose_matmul, quantized_again
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives import OBJECTIVES
+from mlx_lora.objectives.chunked_ce import chunk_size
 from mlx_lora.train.checkpoint import CHECKPOINTS, Position, list_checkpoints, resume_position
 from mlx_lora.train.checks import (
+    blockwise_ruled_out,
     check_method,
     check_ranks,
     check_resume,
@@ -64,6 +70,7 @@ from mlx_lora.train.distributed import (
     ranks_line,
 )
 from mlx_lora.train.loop import Trainee, fit, total_steps
+from mlx_lora.train.memory_guard import resolve_limit
 from mlx_lora.train.optim import init_state, optimizer_for, state_line
 from mlx_lora.train.report import BEST_DIR, Callback, RunReport
 from mlx_lora.train.step import make_eval_step
@@ -94,6 +101,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
     with a checkpoint saved, as Ctrl-C does. Started by mlx.launch, each process trains on
     its share of every batch (train.distributed); rank 0 alone reads and writes adapter_path.
     """
+    mx.reset_peak_memory()  # peak_memory_gb is this run's, loading included, not the process's
     ranks = join_ranks()
     check_method(config)
     check_ranks(config, ranks.size)
@@ -126,8 +134,9 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
                         "the given model") if base else None
     tokenizer = given.tokenizer if given else load_tokenizer_only(config.model,
                                                                    config.trust_remote_code)
-    records = plain_records([r for _, split_records in splits.values() for r in split_records])
-    check_template(tokenizer, records, config.model)
+    kinds = set().union(*(kinds_of(plain_records(split_records))
+                          for _, split_records in splits.values()))
+    check_template(tokenizer, kinds, config.model)
     general_set = _general_set(config, general, tokenizer, report)
     wanted = ("train", "valid", "test") if config.test else ("train", "valid")
     examples = {split: objective.examples(split_records, tokenizer, config, name)
@@ -136,7 +145,7 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
                                 group_size=config.group_size,
                                 trust_remote_code=config.trust_remote_code, tokenizer=tokenizer)
     context = getattr(getattr(loaded.model, "args", None), "max_position_embeddings", None)
-    for line in warnings(config, tokenizer, records, context):
+    for line in warnings(config, tokenizer, kinds, context):
         report.say(line)
     train_set, valid_set = examples["train"], examples.get("valid", [])
     trainee, config = _prepare(loaded.model, objective, config, train_set, report,
@@ -152,9 +161,11 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
     position, resumed = (resume_position(adapter_dir, trainee.model, optimizer, ranks)
                          if resume else (Position(), None))
     init_state(optimizer, trainee.model)
+    memory_limit, memory_line = resolve_limit(config.memory_limit)
+    config = dataclasses.replace(config, memory_limit=memory_limit)  # recorded as it applies
     report.start(to_dict(config), position)
     for line in (resumed, ranks_line(config, ranks),
-                 state_line(config, optimizer, trainee.model, ranks)):
+                 state_line(config, optimizer, trainee.model, ranks), memory_line):
         if line:
             report.say(line)
     if objective.prepare:
@@ -171,6 +182,7 @@ def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data
         _finish(trainee, config, position, bool(valid_set))
         if config.test:
             _test(trainee, config, examples["test"])
+    quantized_again(loaded.model)  # generation's few rows per call: MLX's quantized matmul
     return result
 
 
@@ -226,6 +238,7 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     if config.resume_adapter_file:
         load_adapter_weights(model, Path(config.resume_adapter_file))
         report.say(f"starting from the adapter weights in {config.resume_adapter_file}")
+    config = _qlora_matmul(model, config, report)  # before the probe: its split sees the path
     probe = probe_model(model, packing=config.pack)
     if note := probe.loss_note():
         report.say(note)
@@ -242,6 +255,10 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     config = dataclasses.replace(config, pack=pack)  # recorded as what really happens
     if config.grad_checkpoint:
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
+    # Pairs (not packable) are padded per batch: their rows reach max_seq_length at most.
+    longest_row = (packed_width(positions(train_set), config.max_seq_length)
+                   if objective.packable else config.max_seq_length)
+    config = _attention(model, spec, config, report, longest_row)
     trainable, total = parameter_counts(model)
     what = "adapted layers" if spec.table.own_weights is None else "trained modules"
     where = (f"{spec.hyper.virtual_tokens} virtual tokens" if spec.table.virtual else
@@ -251,6 +268,32 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     # Only a token loss has a uniform-output value (ln vocabulary) to recognize divergence by.
     vocab = vocab_rows(model) if objective.unit == "tokens" else None
     return Trainee(model, objective, probe.split, pack, report, vocab), config
+
+
+def _attention(model: nn.Module, spec, config: TrainConfig, report: RunReport,
+               longest_row: int) -> TrainConfig:
+    """Blockwise or fused attention in every block a gradient goes through (from the first
+    adapted one, or all with trained embeddings); said, and recorded as it runs.
+
+    longest_row: the widest row the run makes (its longest record, at most max_seq_length),
+    which is what decides whether the scores weigh enough to pay for the recompute."""
+    adapted = adapted_blocks(model, spec.paths)
+    first = 0 if config.train_embeddings else (adapted or [len(model.layers)])[0]
+    attention, line = choose_attention(model, list(model.layers)[first:], config.attention,
+                                       longest_row, config.pack,
+                                       blockwise_ruled_out(config))
+    report.say(line)
+    return dataclasses.replace(config, attention=attention)
+
+
+def _qlora_matmul(model: nn.Module, config: TrainConfig, report: RunReport) -> TrainConfig:
+    """Put each frozen quantized layer on its matmul path (qmatmul.py), for a step's rows at
+    most and the loss's chunks through the head; said, and recorded as it runs."""
+    choice = choose_matmul(model, config.qlora_matmul, config.batch_size * config.max_seq_length,
+                           find_head(model)[0], chunk_size(vocab_rows(model) or 1))
+    if choice.line:
+        report.say(choice.line)
+    return dataclasses.replace(config, qlora_matmul=choice.setting)
 
 
 def _virtual_hyper(config: TrainConfig, tokenizer) -> dict:
