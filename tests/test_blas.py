@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.model.blas import PRELOAD_OFF, system_fast_blas
+from mlx_lora.model.blas import PRELOAD_OFF, openblas_core, system_fast_blas
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 # numpy first: its bundled OpenBLAS must not hide that MLX computes on the reference BLAS.
@@ -44,3 +44,9 @@ def test_the_command_preloads_a_fast_blas_by_itself():
     assert run(COMMAND, "env").endswith("BLAS: fast")
     turned_off = run(COMMAND, "env", **{PRELOAD_OFF: "1"})
     assert "warning: MLX is using a slow BLAS" in turned_off
+
+
+def test_an_avx512_cpu_gets_openblas_skylakex_kernels_unless_the_user_chose():
+    assert openblas_core({"sse2", "avx2", "avx512f"}, {}) == {"OPENBLAS_CORETYPE": "SkylakeX"}
+    assert openblas_core({"sse2", "avx2"}, {}) == {}  # OpenBLAS's own detection stands
+    assert openblas_core({"avx512f"}, {"OPENBLAS_CORETYPE": "Haswell"}) == {}

@@ -38,7 +38,29 @@ def preload_fast_blas(argv: list[str]) -> None:
         return
     env = {**os.environ, PRELOAD_OFF: "1",
            "LD_PRELOAD": library + (f":{preloaded}" if preloaded else "")}
+    env.update(openblas_core(_cpu_flags(), os.environ))
     os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
+
+
+def openblas_core(cpu_flags: set[str], environ) -> dict[str, str]:
+    """OPENBLAS_CORETYPE=SkylakeX on an AVX-512 CPU, unless the user set one.
+
+    OpenBLAS builds older than the CPU (Debian 12's 0.3.21 on Sapphire Rapids) take it for a
+    Prescott and run SSE3 kernels: a 2048^2 float32 matmul at 23 GFLOP/s instead of 250
+    (measured). Every AVX-512 CPU runs the SkylakeX kernels.
+    """
+    if environ.get("OPENBLAS_CORETYPE") or "avx512f" not in cpu_flags:
+        return {}
+    return {"OPENBLAS_CORETYPE": "SkylakeX"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
 
 
 def matmul_gflops() -> float:
