@@ -1,11 +1,12 @@
-"""Peak memory and step time of one compiled gradient step, fused against blockwise attention.
+"""Peak memory and step time of one compiled gradient step: fused, blockwise, causal blocks.
 
     python benchmarks/bench_attention.py [--lengths 256,512,1024,2048] [--layers 4] [--repeats 3]
 
 A random Qwen2-shaped model with preset (a)'s blocks (bench_train.py: hidden 512, 8 heads, 4
 KV, MLP 1536), vocabulary 1000 so the head does not matter, LoRA rank 8 on every linear,
-float32, batch 1; the step is train/step.py's. Both models run in one process, their steps
-alternating, so the machine's load falls on both alike. The last line is one JSON object.
+float32, batch 1; the step is train/step.py's. The models run in one process, their steps
+alternating, so the machine's load falls on all alike. Ratios are against fused. The last line
+is one JSON object.
 """
 
 import argparse
@@ -25,7 +26,10 @@ from mlx_lora.train.step import make_grad_step
 VOCAB = 1000
 
 
-def grad_step(layers: int, blockwise: bool):
+MODES = ("fused", "blockwise", "causal-blocks")
+
+
+def grad_step(layers: int, mode: str):
     """The compiled gradient step of a fresh model (the same weights every time)."""
     mx.random.seed(0)
     model = qwen2.Model(qwen2.ModelArgs(
@@ -34,8 +38,8 @@ def grad_step(layers: int, blockwise: bool):
     inject(model, make_spec(model, "lora", "all-linear", -1, Hyper(8, 16.0, 0.0, False,
                                                                    "default")))
     mx.eval(model.parameters())
-    if blockwise:
-        blockwise_attention(attention_modules(model.layers))
+    if mode != "fused":
+        blockwise_attention(attention_modules(model.layers), recompute=mode == "blockwise")
 
     def loss(ids):
         logits = model(ids[:, :-1])  # (1, L, V)
@@ -46,7 +50,7 @@ def grad_step(layers: int, blockwise: bool):
 
 def measure(length: int, layers: int, repeats: int) -> dict:
     """Peak memory above the weights (MiB) and step times (s) of each attention."""
-    steps = {"fused": grad_step(layers, False), "blockwise": grad_step(layers, True)}
+    steps = {mode: grad_step(layers, mode) for mode in MODES}
     ids, inv_n = mx.random.randint(0, VOCAB, (1, length + 1)), mx.array(1.0 / length)
     for step in steps.values():
         mx.eval(step(ids, inv_n))  # compiled, and run once
@@ -64,9 +68,11 @@ def measure(length: int, layers: int, repeats: int) -> dict:
     return {"length": length, "layers": layers,
             **{f"{name}_peak_mib": round(peaks[name]) for name in steps},
             **{f"{name}_step_s": round(statistics.median(times[name]), 3) for name in steps},
-            "memory_ratio": round(peaks["blockwise"] / peaks["fused"], 3),
-            "time_ratio": round(statistics.median(times["blockwise"])
-                                / statistics.median(times["fused"]), 3)}
+            **{f"{name}_memory_ratio": round(peaks[name] / peaks["fused"], 3)
+               for name in MODES[1:]},
+            **{f"{name}_time_ratio": round(statistics.median(times[name])
+                                          / statistics.median(times["fused"]), 3)
+               for name in MODES[1:]}}
 
 
 def main() -> None:
@@ -78,9 +84,10 @@ def main() -> None:
     rows = []
     for length in map(int, args.lengths.split(",")):
         rows.append(measure(length, args.layers, args.repeats))
-        print(f"length {length}: fused {rows[-1]['fused_peak_mib']} MiB, blockwise "
-              f"{rows[-1]['blockwise_peak_mib']} MiB ({rows[-1]['memory_ratio']}x), time "
-              f"{rows[-1]['time_ratio']}x", flush=True)
+        row = rows[-1]
+        print(f"length {length}: fused {row['fused_peak_mib']} MiB; " + "; ".join(
+            f"{name} {row[f'{name}_peak_mib']} MiB ({row[f'{name}_memory_ratio']}x), time "
+            f"{row[f'{name}_time_ratio']}x" for name in MODES[1:]), flush=True)
     print(json.dumps({"rows": rows}))
 
 

@@ -500,7 +500,7 @@ def run_mlx_lm(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict:
     optimizer = optim.Adam(learning_rate=job.learning_rate, bias_correction=True)
     train(model, optimizer, train_set, None, args, training_callback=reports)
     wall = time.perf_counter() - started
-    peak = mx.get_peak_memory() / 1e9
+    peak = training_peaks()
     last = reports.train[-1]
     return side_result(last["trained_tokens"], wall, peak, last["train_loss"],
                        referee_val_loss(model, tokenizer, job))
@@ -509,7 +509,6 @@ def run_mlx_lm(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict:
 def run_mlx_lm_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict:
     """mlx-lm-lora's SFT with `--sft-loss-type chunked_nll`, through its own main() as its CLI
     runs it (bench_dpo.run_peer: the one Metal-only line made to work on the CPU)."""
-    import mlx.core as mx
     import mlx_lm
     from bench_dpo import run_peer  # bench_dpo imports this module: imported late
 
@@ -524,7 +523,7 @@ def run_mlx_lm_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> d
         "steps_per_report": report_every(job), "steps_per_eval": 10**9,
         "save_every": job.iters, "grad_checkpoint": grad_checkpoint, "fuse": False,
         "num_layers": -1}, training_callback=reports)
-    peak = mx.get_peak_memory() / 1e9
+    peak = training_peaks()
     last = reports.train[-1]
     val_loss = referee_val_loss(*mlx_lm.load(job.model, adapter_path=str(out_dir)), job)
     return side_result(last["trained_tokens"], wall, peak, last["train_loss"], val_loss)
@@ -532,7 +531,6 @@ def run_mlx_lm_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> d
 
 def run_mlx_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict:
     """mlx_lora's training run, exactly as `mlx-lora train` does it."""
-    import mlx.core as mx
     import mlx_lm
 
     from mlx_lora.config import TrainConfig
@@ -547,7 +545,7 @@ def run_mlx_lora(job: Job, out_dir: Path, grad_checkpoint: bool = False) -> dict
                          save_every=job.iters, grad_checkpoint=grad_checkpoint,
                          pack=job.pack, valid_fraction=0.0)
     train(config, overwrite=True)
-    peak = mx.get_peak_memory() / 1e9
+    peak = training_peaks()
     metrics = read_metrics(out_dir)
     done = metrics[-1]
     last_train = [r for r in metrics if r["event"] == "train"][-1]
@@ -576,11 +574,21 @@ def referee_val_loss(model, tokenizer, job: Job) -> float | None:
                     max_seq_length=job.max_seq_length)
 
 
-def side_result(tokens: int, wall_s: float, peak_gb: float, train_loss: float,
+def training_peaks() -> dict:
+    """Peak memory so far: MLX's count of its arrays (the figure compared, the same on every
+    side and backend) and the process's resident set (its allocator's doing included)."""
+    import mlx.core as mx
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return {"peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+            "peak_rss_gb": round(rss / (1e9 if sys.platform == "darwin" else 1e6), 3)}
+
+
+def side_result(tokens: int, wall_s: float, peaks: dict, train_loss: float,
                 val_loss: float | None) -> dict:
     """One side's figures; tokens are those that carry loss."""
     return {"tokens": int(tokens), "wall_s": round(wall_s, 2),
-            "tokens_per_sec": round(tokens / wall_s, 2), "peak_memory_gb": round(peak_gb, 3),
+            "tokens_per_sec": round(tokens / wall_s, 2), **peaks,
             "train_loss": round(float(train_loss), 4),
             "val_loss": None if val_loss is None else round(float(val_loss), 4)}
 

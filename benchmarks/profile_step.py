@@ -29,6 +29,9 @@ import mlx.nn as nn
 from bench_train import qwen_shaped_model
 from model_flops import gemm_peak_gflops, model_flops
 
+from mlx_lora.model.allocator import reuse_freed_memory
+from mlx_lora.model.blockwise_attention import choose_attention
+
 RECORD = 277  # positions per packed record: preset (a)'s mean record length
 
 
@@ -93,8 +96,11 @@ def parts(model, split, arrays) -> dict[str, float]:
             "head (chunked loss + its gradient)": best_ms(head, probe)}
 
 
-def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int) -> list[tuple]:
-    """(op, ms per call, calls per step) for each kind of op of a step, at its shapes."""
+def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int,
+        attention_choice: str) -> list[tuple]:
+    """(op, ms per call, calls per step) for each kind of op of a step, at its shapes; the
+    attention the run chose counts, the other is shown for comparison (0 calls)."""
+    from mlx_lora.model.blockwise_attention import CAUSAL_BLOCK_ROWS
     from mlx_lora.objectives.chunked_ce import _exp, chunk_size
 
     tokens, hidden, inter = rows * width, shape["hidden"], shape["intermediate"]
@@ -135,14 +141,24 @@ def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int) -> l
                   2 * layers))
     mask = mx.tril(mx.ones((width, width), dtype=mx.bool_))[None, None]
 
-    def attention(q, k, v):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
+    def attention(q, k, v, s=0, e=width):  # query rows s:e over keys :e (all: one fused call)
+        return mx.fast.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale=head_dim**-0.5, mask=mask[..., s:e, :e])
 
-    forward = best_ms(attention, q, k, v)
-    backward = best_ms(mx.grad(lambda q, k, v: attention(q, k, v).sum(), argnums=(0, 1, 2)),
-                       q, k, v)
-    table.append((f"attention forward ({rows}x{heads}x{width}x{width} scores)", forward, layers))
-    table.append(("attention backward (with its forward again)", backward, layers))
+    def causal_blocks(q, k, v):
+        return mx.concatenate([attention(q, k, v, s, min(s + CAUSAL_BLOCK_ROWS, width))
+                               for s in range(0, width, CAUSAL_BLOCK_ROWS)], axis=2)
+
+    def forward_backward(fn):
+        return mx.compile(mx.grad(lambda q, k, v: (fn(q, k, v) * v).sum(), argnums=(0, 1, 2)))
+
+    blocks = attention_choice == "causal-blocks"
+    table.append((f"attention forward, fused ({rows}x{heads}x{width}x{width} scores)",
+                  best_ms(attention, q, k, v), 0))
+    table.append(("attention forward + backward, fused", best_ms(forward_backward(attention),
+                                                                 q, k, v), 0 if blocks else layers))
+    table.append((f"attention forward + backward, causal blocks of {CAUSAL_BLOCK_ROWS} rows",
+                  best_ms(forward_backward(causal_blocks), q, k, v), layers if blocks else 0))
     scores = normal(rows, heads, width, width)
     table.append(("  of which one softmax over the scores",
                   best_ms(lambda: mx.softmax(scores, axis=-1, precise=True)), 0))
@@ -186,7 +202,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     model_dir = qwen_shaped_model(Path(tempfile.gettempdir()) / "mlx_lora_bench" / "qwen-512x8")
+    reuse_freed_memory()  # as a training run does
     model, split = lora_model(model_dir, args.rank)
+    # The attention a run of these rows takes (auto), said as the run says it.
+    attention_choice, line = choose_attention(model, list(model.layers), "auto", args.width,
+                                              True, None)
+    print(line)
     shape = model_shape(model)
     arrays = step_arrays(args.rows, args.width, args.loss_positions, shape["vocab"])
     peak = gemm_peak_gflops()
@@ -195,7 +216,8 @@ def main() -> None:
     print("| part | ms | share of the step |\n| --- | ---: | ---: |")
     for name, ms in timed.items():
         print(f"| {name} | {ms:.0f} | {ms / step_ms:.0%} |")
-    table = ops(shape, args.rows, args.width, args.loss_positions, args.rank)
+    table = ops(shape, args.rows, args.width, args.loss_positions, args.rank,
+                attention_choice)
     print("\n| op | ms per call | calls per step | ms per step | share of the step |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for name, ms, calls in sorted(table, key=lambda row: -row[1] * row[2]):

@@ -129,10 +129,12 @@ class TrainConfig:
     grad_checkpoint: bool = _opt(False, "Recompute the adapted blocks' activations to save memory.")
     attention: str = _opt(
         "auto", "Attention in training: blockwise computes it in blocks of query rows and "
-        "recomputes their scores in the backward, so no layer keeps (heads, L, L) scores; fused "
-        "is mlx-lm's own; auto = blockwise from max-seq-length 1024 where the backend's fused "
-        "attention keeps its scores for the backward (measured once), else fused.",
-        choices=("auto", "blockwise", "fused"))
+        "recomputes their scores in the backward, so no layer keeps (heads, L, L) scores; "
+        "causal-blocks keeps each block's scores but skips the keys after its last row; fused "
+        "is mlx-lm's own; auto, where the backend's fused attention keeps its scores for the "
+        "backward (measured once): blockwise for rows of 1024 tokens or more, causal-blocks "
+        "from 256; else fused.",
+        choices=("auto", "blockwise", "causal-blocks", "fused"))
     memory_limit: float = _opt(
         -1.0, "GB a training step may peak at (MLX's cache and limits are kept under it); a step "
         "past it stops the run with a checkpoint, saying which setting to lower, instead of "

@@ -83,14 +83,15 @@ def assert_same(expected, got) -> None:
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
-def test_blockwise_equals_plain(arch, packed):
+@pytest.mark.parametrize("recompute", [True, False], ids=["blockwise", "causal-blocks"])
+def test_blockwise_equals_plain(arch, packed, recompute):
     model = adapted(arch)
     batch = inputs(packed)
     plain = loss_and_grads(model, *batch)
     attention = attention_modules(model.layers)
     assert len(attention) == 2
     for rows in (4, 7, 24):  # 7 does not divide 24; 24 is one block
-        blockwise_attention(attention, rows)
+        blockwise_attention(attention, rows, recompute)
         assert_same(plain, loss_and_grads(model, *batch))
 
 
@@ -124,8 +125,8 @@ def test_compiled_training_step(grad_checkpoint, packed):
     plain = compiled_grads(model, ids, segments)
     if grad_checkpoint:
         checkpoint_blocks(list(model.layers))
-    for rows in (6, 24):  # 24: the whole row in one block
-        blockwise_attention(attention_modules(model.layers), rows)
+    for rows, recompute in ((6, True), (24, True), (6, False)):  # 24: one block
+        blockwise_attention(attention_modules(model.layers), rows, recompute)
         assert_same(plain, compiled_grads(model, ids, segments))
 
 
@@ -160,6 +161,9 @@ def test_blockwise_keeps_a_fraction_of_the_memory():
     blockwise_attention(attention_modules(model.layers), 64)
     blockwise = peak_bytes(model, ids)
     assert blockwise < 0.25 * plain, (blockwise, plain)
+    blockwise_attention(attention_modules(model.layers), 128, recompute=False)
+    causal_blocks = peak_bytes(model, ids)  # 8 blocks keep 9/16 of the scores
+    assert blockwise < causal_blocks < 0.75 * plain, (causal_blocks, plain)
 
 
 class CacheBlindAttention(nn.Module):
@@ -188,8 +192,8 @@ def test_choice_rules():
     model = adapted("qwen2")
     blocks = list(model.layers)
     assert choose_attention(model, blocks, "fused", 4096, True, None)[0] == "fused"
-    short = choose_attention(model, blocks, "auto", 512, True, None)
-    assert short[0] == "fused" and "512 tokens" in short[1]
+    short = choose_attention(model, blocks, "auto", 200, True, None)
+    assert short[0] == "fused" and "200 tokens" in short[1]
     ruled_out = blockwise_ruled_out(TrainConfig(dropout=0.1))
     assert "--dropout 0.1" in ruled_out
     assert choose_attention(model, blocks, "auto", 4096, True, ruled_out)[0] == "fused"
@@ -199,11 +203,17 @@ def test_choice_rules():
         chosen, line = choose_attention(model, blocks, "auto", 4096, True, None)
         assert chosen == "blockwise" and "in 2 layers" in line
         assert type(blocks[0].self_attn).__name__ == "BlockwiseAttention"
+        assert blocks[0].self_attn.recompute
+        chosen, line = choose_attention(model, blocks, "auto", 640, True, None)
+        assert chosen == "causal-blocks" and "masked or not" in line
+        assert not blocks[0].self_attn.recompute and blocks[0].self_attn.block_rows == 128
 
 
 def test_explicit_blockwise_is_refused_where_it_cannot_be_exact():
     with pytest.raises(UserError, match="--dropout 0.1 would draw other masks"):
         check_method(TrainConfig(attention="blockwise", dropout=0.1))
+    with pytest.raises(UserError, match="--attention causal-blocks calls attention block by"):
+        check_method(TrainConfig(attention="causal-blocks", dropout=0.1))
     with pytest.raises(UserError, match="prefix tuning's virtual keys"):
         check_method(TrainConfig(attention="blockwise", fine_tune_type="prefix"))
     check_method(TrainConfig(attention="auto", dropout=0.1))  # auto takes fused, saying why

@@ -62,9 +62,9 @@ def check_method(config: TrainConfig) -> None:
     method = config.fine_tune_type
     table = METHODS[method]
     _check_virtual(config, method, table.virtual is not None)
-    if config.attention == "blockwise" and (why := blockwise_ruled_out(config)):
-        raise UserError(f"--attention blockwise recomputes attention in the backward, but {why}; "
-                        "use --attention auto or fused")
+    if config.attention in ("blockwise", "causal-blocks") and (why := blockwise_ruled_out(config)):
+        raise UserError(f"--attention {config.attention} calls attention block by block, but "
+                        f"{why}; use --attention auto or fused")
     if table.place is None and (config.adapter_size or
                                 config.adapter_variant != DEFAULTS.adapter_variant):
         raise UserError("--adapter-size and --adapter-variant shape bottleneck adapters; use "
@@ -96,11 +96,13 @@ def check_method(config: TrainConfig) -> None:
 
 
 def blockwise_ruled_out(config: TrainConfig) -> str | None:
-    """Why the method or its settings rule blockwise attention out, or None."""
+    """Why the method or its settings rule attention in blocks (blockwise, causal-blocks) out,
+    or None."""
     if METHODS[config.fine_tune_type].virtual is not None:
         return f"{config.fine_tune_type} tuning's virtual keys reach attention through its cache"
     if config.dropout:
-        return f"--dropout {config.dropout} would draw other masks for the recomputed blocks"
+        return (f"--dropout {config.dropout} would draw other masks in blocks (and in a "
+                "recomputed block) than in the plain call")
     return None
 
 

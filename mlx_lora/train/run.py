@@ -35,6 +35,7 @@ from mlx_lora.forgetting import (
 )
 from mlx_lora.formats.mlx_lm_adapter import load_adapter_weights
 from mlx_lora.formats.output_dir import check_writable, claim_run_dir, exclusive
+from mlx_lora.model.allocator import reuse_freed_memory
 from mlx_lora.model.blas import slow_blas_warning
 from mlx_lora.model.blockwise_attention import choose_attention
 from mlx_lora.model.head import find_head
@@ -126,6 +127,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, *,
 def _train(config: TrainConfig, objective, report: RunReport, resume: bool, data,
            base: tuple | None, stop, ranks: Ranks) -> TrainResult:
     adapter_dir = Path(config.adapter_path)
+    reuse_freed_memory()
     if warning := slow_blas_warning():
         report.say(warning)
     splits = _read_data(config, data, report)
