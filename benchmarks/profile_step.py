@@ -150,7 +150,7 @@ def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int,
                                for s in range(0, width, CAUSAL_BLOCK_ROWS)], axis=2)
 
     def forward_backward(fn):
-        return mx.compile(mx.grad(lambda q, k, v: (fn(q, k, v) * v).sum(), argnums=(0, 1, 2)))
+        return mx.compile(mx.grad(lambda q, k, v: (fn(q, k, v) * q).sum(), argnums=(0, 1, 2)))
 
     blocks = attention_choice == "causal-blocks"
     table.append((f"attention forward, fused ({rows}x{heads}x{width}x{width} scores)",

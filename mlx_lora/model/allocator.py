@@ -5,7 +5,7 @@ glibc serves every block over 32 MB (the most its mmap threshold can be) with a 
 unmaps it on free, so each large temporary of a step (a chunk's logits, a layer's attention
 scores) has its pages faulted in and zeroed by the kernel again, 4 KB at a time. Measured on
 an x86-64 Linux CPU: writing a (128, 151,936) float32 array took 39 ms with 19,000 page faults,
-13 ms with none; a whole training step of benchmark preset (a) went from 7.7 s to 6.1 s. With
+13 ms with none; a training step of benchmark preset (a) took 7.5-7.7 s instead of 8.1-8.7. With
 mmap off and the heap never trimmed, freed blocks stay in the heap and the next array reuses
 them. The price: the process keeps its heap's high-water mark (resident memory a little above
 MLX's own peak) instead of handing memory back between steps.

@@ -13,7 +13,7 @@ Causal blocks are the same blocks without the recompute: each block's scores are
 backward, as the plain call keeps its whole (L, L) ones. Where the backend's fused attention is
 not a fused kernel but the plain composition (MLX's CPU backend), it scores every key of a
 row, masked or not; blocks skip the keys after their last row, and with five blocks compute 3/5
-of the scores, in 3/5 of the memory (measured on the CPU: 139 ms against 199 for a layer's
+of the scores, in 3/5 of the memory (measured on the CPU: 141 ms against 194 for a layer's
 forward and backward at 2 x 8 heads x 640 positions).
 """
 
