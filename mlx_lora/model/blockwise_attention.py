@@ -27,8 +27,9 @@ from mlx_lora.model.load import vocab_rows
 from mlx_lora.model.logit_gap import logit_gap
 from mlx_lora.model.packed_mask import SegmentCache, segment_caches
 
-# Below this --max-seq-length the scores a backward keeps are a small part of a step's memory
-# (README.md, "Long records", has the measurement), and recomputing them costs time.
+# Below this longest row the scores a backward keeps are a small part of a step's memory
+# (README.md, "Attention in blocks", has the measurement), and recomputing them costs time:
+# causal blocks, which keep them, are faster there.
 BLOCKWISE_FROM = 1024
 CAUSAL_BLOCK_ROWS = 128  # query rows per causal block (the fastest of 2-10 blocks at 640)
 SCORE_BUDGET = 32 * 2**20  # bytes of one block's float32 scores (batch x heads x rows x keys)
