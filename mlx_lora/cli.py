@@ -360,13 +360,10 @@ def env():
 
 
 def main() -> None:
-    """Console entry point: on Linux, first with a fast system BLAS preloaded if there is one,
-    and freed CPU memory kept for reuse (model/allocator.py)."""
+    """Console entry point: on Linux, first with a fast system BLAS preloaded if there is one."""
     import sys
 
-    from mlx_lora.model.allocator import reuse_freed_memory
     from mlx_lora.model.blas import preload_fast_blas
 
     preload_fast_blas(sys.argv[1:])
-    reuse_freed_memory()
     cli.main(prog_name="mlx-lora")

@@ -20,7 +20,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc
 NEVER_TRIM = 2**31 - 1  # the largest trim threshold mallopt takes (an int)
 
 
-@functools.cache
+@functools.cache  # once per process: train() may run several times in one
 def reuse_freed_memory() -> bool:
     """Make glibc keep freed blocks for reuse when MLX computes on the CPU; whether it did.
 
