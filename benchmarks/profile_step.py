@@ -101,7 +101,7 @@ def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int,
     """(op, ms per call, calls per step) for each kind of op of a step, at its shapes; the
     attention the run chose counts, the other is shown for comparison (0 calls)."""
     from mlx_lora.model.blockwise_attention import CAUSAL_BLOCK_ROWS
-    from mlx_lora.objectives.chunked_ce import _exp, chunk_size
+    from mlx_lora.objectives.chunked_ce import _exp, _row_reduce, chunk_size
 
     tokens, hidden, inter = rows * width, shape["hidden"], shape["intermediate"]
     heads, kv_heads = shape["heads"], shape["kv_heads"]
@@ -172,10 +172,11 @@ def ops(shape: dict, rows: int, width: int, loss_positions: int, rank: int,
     table.append((f"head GEMM {size}x{vocab}x{hidden} (input grad)", best_ms(lambda: logits @ w),
                   chunks))
     table.append((f"head max over ({size}, {vocab})",
-                  best_ms(lambda: logits.max(axis=-1, keepdims=True)), chunks))
+                  best_ms(lambda: _row_reduce(mx.max, logits)), chunks))
     table.append((f"head exp(logits - max) over ({size}, {vocab})",
-                  best_ms(lambda: _exp(logits - 1.0)), chunks))
-    table.append((f"head sum over ({size}, {vocab})", best_ms(lambda: logits.sum(axis=-1)), chunks))
+                  best_ms(mx.compile(lambda x: _exp(x - 1.0)), logits), chunks))
+    table.append((f"head sum over ({size}, {vocab})", best_ms(lambda: _row_reduce(mx.sum, logits)),
+                  chunks))
     return table
 
 
