@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import addition_rows, write_splits
 
 from mlx_lora.demo.tiny import make_tiny_model
 
@@ -13,6 +14,14 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """The addition splits most runs train on: 36 training rows, 9 validation rows (modules
+    that need others define their own `data`)."""
+    rows = addition_rows(9, 5)
+    return write_splits(tmp_path_factory.mktemp("data"), {"train": rows[:36], "valid": rows[36:]})
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from helpers import addition_rows, assert_resume_equals_uninterrupted, write_splits
+from helpers import assert_resume_equals_uninterrupted
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.config import TrainConfig
@@ -22,13 +22,6 @@ from mlx_lora.train.adam8bit import (
 )
 from mlx_lora.train.optim import build_optimizer, state_bytes
 from mlx_lora.train.run import train
-
-ROWS = addition_rows(9, 5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -10,7 +10,6 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import addition_rows, write_splits
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora import Finetune
@@ -28,7 +27,6 @@ from mlx_lora.train.checkpoint import OPTIMIZER, list_checkpoints
 from mlx_lora.train.optim import build_optimizer, init_state
 from mlx_lora.train.step import make_update
 
-ROWS = addition_rows(9, 5)
 IDS = mx.array([[3, 17, 42, 99, 250, 7, 311, 64, 128, 5]])
 SETTINGS = dict(fine_tune_type="full", iters=12, batch_size=4, learning_rate=1e-3,
                 steps_per_eval=4, save_every=4, mask_prompt=True)
@@ -44,11 +42,6 @@ def weights(model) -> dict[str, np.ndarray]:
 
 def val_losses(out) -> list[float]:
     return [r["val_loss"] for r in read_metrics(out) if r["event"] == "val"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 @pytest.fixture(scope="module")

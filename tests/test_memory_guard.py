@@ -5,7 +5,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import addition_rows, write_splits
 from test_distributed import finish, flags, start
 
 from mlx_lora.cli import cli
@@ -21,13 +20,6 @@ from mlx_lora.train.memory_guard import (
     machine_memory,
     resolve_limit,
 )
-
-ROWS = addition_rows(9, 5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 def cli_args(model, data, out, *extra) -> list[str]:

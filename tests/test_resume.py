@@ -12,20 +12,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import addition_rows, write_splits
 
 from mlx_lora.cli import cli
 from mlx_lora.config import TrainConfig
 from mlx_lora.formats.metrics import read_metrics
 from mlx_lora.train.checkpoint import list_checkpoints
 from mlx_lora.train.run import train
-
-ROWS = addition_rows(9, 5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_splits(tmp_path_factory.mktemp("data"), {"train": ROWS[:36], "valid": ROWS[36:]})
 
 
 def config_for(model, data, out, **overrides) -> TrainConfig:

@@ -92,14 +92,11 @@ def _blockwise_call(self, x: mx.array, mask=None, cache=None):
 
     def record(params, x):
         self.update(params)
-        recorder = _Recorder()
-        base_call(x, None, recorder)
-        return recorder.keys, recorder.values
+        return _recorded_keys_values(base_call, x)
 
     def block(params, x_rows, keys, values, s, e):
         self.update(params)
-        return base_call(x_rows, _block_mask(mask, s, e),
-                         _Given(s, keys[:, :, :e], values[:, :, :e]))
+        return _block_call(base_call, x_rows, mask, keys, values, s, e)
 
     def spans(x, keys):
         return _spans(x.shape[1], self.block_rows or _block_rows(self, x, keys))
@@ -143,13 +140,23 @@ def _blockwise_call(self, x: mx.array, mask=None, cache=None):
     return attend(given, x)
 
 
+def _recorded_keys_values(base_call, x: mx.array) -> tuple[mx.array, mx.array]:
+    """The rotated keys and values of the whole row (the call's own output is never run)."""
+    recorder = _Recorder()
+    base_call(x, None, recorder)
+    return recorder.keys, recorder.values
+
+
+def _block_call(base_call, x_rows: mx.array, mask, keys: mx.array, values: mx.array,
+                s: int, e: int) -> mx.array:
+    """The attention output of query rows s:e, which see the recorded keys up to row e."""
+    return base_call(x_rows, _block_mask(mask, s, e), _Given(s, keys[:, :, :e], values[:, :, :e]))
+
+
 def _causal_blocks(attn: nn.Module, base_call, x: mx.array, mask) -> mx.array:
     """The attention output block by block, each block's graph kept for the backward."""
-    recorder = _Recorder()
-    base_call(x, None, recorder)  # only its keys and values are used: the rest is never run
-    keys, values = recorder.keys, recorder.values
-    return mx.concatenate([base_call(x[:, s:e], _block_mask(mask, s, e),
-                                     _Given(s, keys[:, :, :e], values[:, :, :e]))
+    keys, values = _recorded_keys_values(base_call, x)
+    return mx.concatenate([_block_call(base_call, x[:, s:e], mask, keys, values, s, e)
                            for s, e in _spans(x.shape[1], attn.block_rows)], axis=1)
 
 
