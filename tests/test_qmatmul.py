@@ -33,7 +33,6 @@ from mlx_lora.model.qmatmul import (
 )
 from mlx_lora.model.recompute import checkpoint_blocks
 from mlx_lora.objectives.sft import SFT
-from mlx_lora.train import run as run_module
 from mlx_lora.train.run import train
 from mlx_lora.train.step import make_grad_step
 
@@ -236,18 +235,3 @@ def test_training_on_either_path_saves_the_same_adapter(tiny_qwen2, tmp_path, ca
                    for m in dequantizing.loaded.model.modules())
     assert quantized.step == dequantizing.step == 3
 
-
-def test_auto_times_the_rows_a_step_makes(tiny_qwen2, data, tmp_path, monkeypatch):
-    """Paths are timed at batch size x the run's widest row, not x --max-seq-length: the
-    addition records are under 32 tokens, so rows of 32 positions."""
-    rows_timed = []
-
-    def recording(model, setting, tokens, *args, **kwargs):
-        rows_timed.append(tokens)
-        return choose_matmul(model, "quantized", tokens, *args, **kwargs)
-
-    monkeypatch.setattr(run_module, "choose_matmul", recording)
-    train(TrainConfig(model=str(tiny_qwen2), data=str(data), adapter_path=str(tmp_path / "a"),
-                      quantize=4, iters=1, batch_size=4, max_seq_length=512, steps_per_eval=0,
-                      save_every=100, seed=0))
-    assert rows_timed == [4 * 32]

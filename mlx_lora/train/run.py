@@ -240,11 +240,7 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     if config.resume_adapter_file:
         load_adapter_weights(model, Path(config.resume_adapter_file))
         report.say(f"starting from the adapter weights in {config.resume_adapter_file}")
-    # Pairs (not packable) are padded per batch: their rows reach max_seq_length at most.
-    longest_row = (packed_width(positions(train_set), config.max_seq_length)
-                   if objective.packable else config.max_seq_length)
-    # Before the probe: its split sees the path.
-    config = _qlora_matmul(model, config, report, config.batch_size * longest_row)
+    config = _qlora_matmul(model, config, report)  # before the probe: its split sees the path
     probe = probe_model(model, packing=config.pack)
     if note := probe.loss_note():
         report.say(note)
@@ -261,6 +257,9 @@ def _prepare(model: nn.Module, objective, config: TrainConfig, train_set: list,
     config = dataclasses.replace(config, pack=pack)  # recorded as what really happens
     if config.grad_checkpoint:
         checkpoint_blocks([model.layers[i] for i in adapted_blocks(model, spec.paths)])
+    # Pairs (not packable) are padded per batch: their rows reach max_seq_length at most.
+    longest_row = (packed_width(positions(train_set), config.max_seq_length)
+                   if objective.packable else config.max_seq_length)
     config = _attention(model, spec, config, report, longest_row)
     trainable, total = parameter_counts(model)
     what = "adapted layers" if spec.table.own_weights is None else "trained modules"
@@ -289,12 +288,10 @@ def _attention(model: nn.Module, spec, config: TrainConfig, report: RunReport,
     return dataclasses.replace(config, attention=attention)
 
 
-def _qlora_matmul(model: nn.Module, config: TrainConfig, report: RunReport,
-                  step_rows: int) -> TrainConfig:
-    """Put each frozen quantized layer on its matmul path (qmatmul.py), for a step's rows
-    (batch size x its widest row) and the loss's chunks through the head; said, and recorded
-    as it runs."""
-    choice = choose_matmul(model, config.qlora_matmul, step_rows,
+def _qlora_matmul(model: nn.Module, config: TrainConfig, report: RunReport) -> TrainConfig:
+    """Put each frozen quantized layer on its matmul path (qmatmul.py), for a step's rows at
+    most and the loss's chunks through the head; said, and recorded as it runs."""
+    choice = choose_matmul(model, config.qlora_matmul, config.batch_size * config.max_seq_length,
                            find_head(model)[0], chunk_size(vocab_rows(model) or 1))
     if choice.line:
         report.say(choice.line)
