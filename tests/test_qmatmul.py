@@ -234,4 +234,3 @@ def test_training_on_either_path_saves_the_same_adapter(tiny_qwen2, tmp_path, ca
     assert not any(type(m) in (DequantizingLinear, DequantizingEmbedding)
                    for m in dequantizing.loaded.model.modules())
     assert quantized.step == dequantizing.step == 3
-
